@@ -1,0 +1,72 @@
+"""Apache Airflow provider that runs Ray Data ETL stages on a Ray cluster.
+
+This module must not import Airflow: the cluster side (``runtime``) imports the package too.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+
+def get_provider_info() -> dict:
+    return {
+        "package-name": "airflow-provider-raydata",
+        "name": "Ray Data",
+        "description": "Run Ray Data ETL stages (extract, transform, quality, load) on a Ray cluster.",
+        "versions": [__version__],
+        "integrations": [
+            {
+                "integration-name": "Ray Data",
+                "external-doc-url": "https://docs.ray.io/en/latest/data/data.html",
+                "tags": ["software"],
+            }
+        ],
+        "hooks": [{"integration-name": "Ray Data", "python-modules": ["airflow_provider_raydata.hooks.ray"]}],
+        "operators": [
+            {
+                "integration-name": "Ray Data",
+                "python-modules": ["airflow_provider_raydata.operators.raydata"],
+            }
+        ],
+        "extra-links": ["airflow_provider_raydata.operators.raydata.RayDashboardLink"],
+        "connection-types": [
+            {
+                "hook-class-name": "airflow_provider_raydata.hooks.ray.RayHook",
+                "hook-name": "Ray Data",
+                "connection-type": "raydata",
+                "conn-fields": {
+                    "namespace": {
+                        "label": "Ray namespace",
+                        "schema": {"type": ["string", "null"]},
+                    },
+                    "runtime_env": {
+                        "label": "Runtime environment (JSON)",
+                        "description": 'Ray runtime_env, e.g. {"pip": ["my-etl-lib"]}',
+                        "schema": {"type": ["string", "null"]},
+                    },
+                    "dashboard_url": {
+                        "label": "Dashboard URL",
+                        "schema": {"type": ["string", "null"]},
+                    },
+                    "staging_uri": {
+                        "label": "Staging URI",
+                        "description": "Shared storage for stage outputs, e.g. s3://bucket/raydata-staging",
+                        "schema": {"type": ["string", "null"]},
+                    },
+                    "connect_timeout": {
+                        "label": "Connect timeout (seconds)",
+                        "schema": {"type": ["integer", "null"], "default": 30},
+                    },
+                },
+                "ui-field-behaviour": {
+                    "hidden-fields": ["schema", "login"],
+                    "relabeling": {"host": "Ray Client host", "password": "Ray auth token"},
+                    "placeholders": {
+                        "host": "ray-head.example.com (empty: embedded local Ray)",
+                        "port": "10001",
+                        "password": "token for clusters started with RAY_AUTH_MODE=token",
+                    },
+                },
+            }
+        ],
+    }

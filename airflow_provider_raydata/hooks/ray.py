@@ -1,0 +1,293 @@
+"""RayHook: a ``raydata`` connection -> a Ray Client session that runs one stage at a time."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+from urllib.parse import urlparse
+
+from airflow.sdk import BaseHook
+from airflow.sdk.exceptions import AirflowException, AirflowNotFoundException
+
+DEFAULT_CLIENT_PORT = 10001
+DEFAULT_CONNECT_TIMEOUT = 30.0
+# A new client that connects right after another one disconnected is sometimes refused with
+# "Initialization failure from server" (measured: 2 in 40): retry a few times.
+TRANSIENT_CONNECT_ERRORS = ("Initialization failure from server", "ray client connection timeout")
+
+
+@dataclass
+class ClusterSettings:
+    """What a connection says about the cluster. ``address`` None means an embedded local Ray."""
+
+    address: str | None = None
+    namespace: str | None = None
+    runtime_env: dict[str, Any] = field(default_factory=dict)
+    auth_token: str | None = field(default=None, repr=False)
+    dashboard_url: str | None = None
+    staging_uri: str | None = None
+    storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+
+    @property
+    def embedded(self) -> bool:
+        return self.address is None
+
+    @property
+    def where(self) -> str:
+        return self.address or "embedded local Ray"
+
+
+class RayHook(BaseHook):
+    """Connects to a Ray cluster through the Ray Client and runs ``run_stage`` specs on it.
+
+    Without a ``raydata_default`` connection (or with ``raydata_conn_id=None``) it starts an
+    embedded local Ray in the worker process instead: good for demos and tests, not production.
+    """
+
+    conn_name_attr = "raydata_conn_id"
+    default_conn_name = "raydata_default"
+    conn_type = "raydata"
+    hook_name = "Ray Data"
+
+    def __init__(
+        self,
+        raydata_conn_id: str | None = default_conn_name,
+        connect_timeout: float | None = None,
+        connect_attempts: int = 3,
+    ) -> None:
+        super().__init__()
+        self.raydata_conn_id = raydata_conn_id
+        self._connect_timeout = connect_timeout
+        self.connect_attempts = connect_attempts
+        self._running = None
+
+    @classmethod
+    def get_ui_field_behaviour(cls) -> dict[str, Any]:
+        from airflow_provider_raydata import get_provider_info
+
+        behaviour = get_provider_info()["connection-types"][0]["ui-field-behaviour"]
+        return {
+            "hidden_fields": behaviour["hidden-fields"],
+            "relabeling": behaviour["relabeling"],
+            "placeholders": behaviour["placeholders"],
+        }
+
+    @cached_property
+    def settings(self) -> ClusterSettings:
+        if self.raydata_conn_id is None:
+            return ClusterSettings()
+        try:
+            conn = self.get_connection(self.raydata_conn_id)
+        except AirflowNotFoundException:
+            if self.raydata_conn_id != self.default_conn_name:
+                raise
+            self.log.info("No %r connection: using an embedded local Ray", self.raydata_conn_id)
+            return ClusterSettings()
+        return settings_from_connection(conn.host, conn.port, conn.password, conn.extra_dejson)
+
+    @property
+    def connect_timeout(self) -> float:
+        return float(self._connect_timeout or self.settings.connect_timeout)
+
+    def test_connection(self) -> tuple[bool, str]:
+        try:
+            with self.connect():
+                import ray
+
+                cpus = ray.cluster_resources().get("CPU", 0)
+            return True, f"Connected to {self.settings.where} ({cpus:g} CPUs)"
+        except Exception as exc:
+            return False, str(exc)
+
+    @contextmanager
+    def connect(self) -> Iterator[None]:
+        """A Ray session for one stage; Ray Client sessions are closed again afterwards."""
+        import ray
+
+        settings = self.settings
+        if settings.embedded:
+            if ray.is_initialized() and not _is_embedded(ray):
+                ray.shutdown()
+            if not ray.is_initialized():
+                # An explicit auth mode: a local ray.init() otherwise turns token auth on and
+                # writes ~/.ray/auth_token, which later `ray start --head` clusters then require.
+                os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+                ray.init(
+                    namespace=settings.namespace,
+                    runtime_env=settings.runtime_env or None,
+                    include_dashboard=False,
+                    log_to_driver=True,
+                )
+            yield  # the embedded Ray lives as long as this process: later stages reuse it
+            return
+        if ray.is_initialized():
+            ray.shutdown()
+        self._connect_client(settings)
+        try:
+            yield
+        finally:
+            ray.shutdown()
+
+    def _connect_client(self, settings: ClusterSettings) -> None:
+        import ray
+
+        parsed = urlparse(settings.address)
+        host, port = parsed.hostname or "", parsed.port or DEFAULT_CLIENT_PORT
+        deadline = time.monotonic() + self.connect_timeout
+        try:
+            socket.create_connection((host, port), timeout=self.connect_timeout).close()
+        except OSError as exc:
+            raise AirflowException(f"Ray cluster at {settings.address} is unreachable: {exc.strerror or exc}") from None
+        kwargs: dict[str, Any] = {"namespace": settings.namespace, "log_to_driver": True}
+        if settings.runtime_env:
+            kwargs["runtime_env"] = settings.runtime_env
+        if settings.auth_token:
+            kwargs["_metadata"] = [("authorization", f"Bearer {settings.auth_token}")]
+        for attempt in range(1, self.connect_attempts + 1):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            error = _call_with_timeout(lambda: ray.init(settings.address, **kwargs), remaining)
+            if error is None:
+                return
+            message = str(error)
+            if isinstance(error, TimeoutError):
+                break
+            if "Version mismatch" in message or "version mismatch" in message:
+                raise AirflowException(
+                    f"Ray version mismatch with the cluster at {settings.address}: {message}"
+                ) from None
+            if not any(text in message for text in TRANSIENT_CONNECT_ERRORS):
+                raise AirflowException(
+                    f"Could not connect to the Ray cluster at {settings.address}: "
+                    f"{type(error).__name__}: {_redact(message, settings)}"
+                ) from None
+            self.log.warning("Connecting to %s failed (attempt %d): %s", settings.address, attempt, message)
+            if ray.is_initialized():
+                ray.shutdown()
+            time.sleep(min(1.0 * attempt, max(deadline - time.monotonic(), 0)))
+        hint = (
+            "check the auth token"
+            if settings.auth_token
+            else "if the cluster uses token auth (RAY_AUTH_MODE=token), set the connection's password"
+        )
+        raise AirflowException(
+            f"Could not connect to the Ray cluster at {settings.address} within {self.connect_timeout:g}s "
+            f"({hint}; the Ray Client server may also be overloaded)"
+        )
+
+    def run_stage(self, spec: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+        """Run one stage remotely and return its small result dict."""
+        import ray
+        from ray.exceptions import GetTimeoutError, RayError, RayTaskError
+
+        from airflow_provider_raydata.runtime.runner import run_stage_remote
+
+        with self.connect():
+            self._running = run_stage_remote.options(name=f"raydata:{spec.get('name', spec['stage'])}").remote(spec)
+            try:
+                return ray.get(self._running, timeout=timeout)
+            except GetTimeoutError:
+                ray.cancel(self._running, force=True)
+                raise AirflowException(f"Stage did not finish within {timeout}s on {self.settings.where}") from None
+            except RayTaskError as exc:
+                cause = root_cause(exc)
+                self.log.error("Stage failed on %s:\n%s", self.settings.where, exc)
+                raise AirflowException(
+                    f"Stage failed on {self.settings.where}: {type(cause).__name__}: {cause}"
+                ) from None
+            except RayError as exc:
+                raise AirflowException(
+                    f"Lost the stage on {self.settings.where}: {type(exc).__name__}: {exc}"
+                ) from None
+            finally:
+                self._running = None
+
+    def cancel(self) -> None:
+        """Cancel the running stage (``on_kill``)."""
+        if self._running is not None:
+            import ray
+
+            ray.cancel(self._running, force=True, recursive=True)
+
+
+def settings_from_connection(
+    host: str | None, port: int | None, password: str | None, extra: dict[str, Any]
+) -> ClusterSettings:
+    def get(name: str, default: Any = None) -> Any:
+        value = extra.get(name, extra.get(f"extra__raydata__{name}"))
+        return default if value in (None, "") else value
+
+    def as_dict(name: str) -> dict[str, Any]:
+        value = get(name, {})
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise AirflowException(f"Connection field {name!r} is not valid JSON: {exc.msg}") from None
+        return dict(value)
+
+    address = None
+    if host:
+        address = host if "://" in host else f"ray://{host}:{port or DEFAULT_CLIENT_PORT}"
+        if not address.startswith("ray://"):
+            raise AirflowException(f"Ray address must start with ray:// (got scheme of {address.split('://')[0]!r})")
+        if port and urlparse(address).port is None:
+            address = f"{address}:{port}"
+    return ClusterSettings(
+        address=address,
+        namespace=get("namespace"),
+        runtime_env=as_dict("runtime_env"),
+        auth_token=password or None,
+        dashboard_url=get("dashboard_url"),
+        staging_uri=get("staging_uri"),
+        storage_options=as_dict("storage_options"),
+        connect_timeout=float(get("connect_timeout", DEFAULT_CONNECT_TIMEOUT)),
+    )
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The user's own exception behind Ray's wrappers (RayTaskError, UserCodeException)."""
+    from ray.exceptions import RayTaskError
+
+    if isinstance(exc, RayTaskError):
+        exc = exc.cause or exc
+    seen = set()
+    while (exc.__cause__ is not None) and id(exc) not in seen:
+        seen.add(id(exc))
+        exc = exc.__cause__
+    return exc
+
+
+def _is_embedded(ray_module) -> bool:
+    return not ray_module.util.client.ray.is_connected()
+
+
+def _call_with_timeout(fn, timeout: float) -> BaseException | None:
+    """Run ``fn`` in a thread; its exception, a TimeoutError, or None on success."""
+    outcome: list[BaseException | None] = []
+
+    def target() -> None:
+        try:
+            fn()
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 - handed back to the caller
+            outcome.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True, name="ray-client-connect")
+    thread.start()
+    thread.join(timeout)
+    return outcome[0] if outcome else TimeoutError(f"no answer within {timeout:g}s")
+
+
+def _redact(message: str, settings: ClusterSettings) -> str:
+    return message.replace(settings.auth_token, "***") if settings.auth_token else message

@@ -1,0 +1,13 @@
+from airflow_provider_raydata.operators.raydata import (
+    RayDataExtractOperator,
+    RayDataLoadOperator,
+    RayDataQualityOperator,
+    RayDataTransformOperator,
+)
+
+__all__ = [
+    "RayDataExtractOperator",
+    "RayDataTransformOperator",
+    "RayDataQualityOperator",
+    "RayDataLoadOperator",
+]

@@ -1,0 +1,350 @@
+"""The four Ray Data operators. They render templates, build a plain stage spec, hand it to
+RayHook and push the small result to XCom; the rows never pass through the Airflow worker."""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+from collections.abc import Callable, Sequence
+from functools import cached_property
+from typing import Any
+
+from airflow.sdk import BaseOperator, BaseOperatorLink
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
+
+from airflow_provider_raydata.hooks.ray import RayHook
+from airflow_provider_raydata.runtime.refs import task_prefix
+from airflow_provider_raydata.runtime.specs import validate_checks, validate_steps
+
+DatasetRefLike = dict[str, Any] | str
+DASHBOARD_XCOM_KEY = "ray_dashboard_url"
+
+
+class RayDashboardLink(BaseOperatorLink):
+    """'Ray Dashboard' button on a task: the dashboard of the cluster that ran it."""
+
+    name = "Ray Dashboard"
+
+    def get_link(self, operator: BaseOperator, *, ti_key) -> str:
+        from airflow.sdk.execution_time.xcom import XCom
+
+        return XCom.get_value(ti_key=ti_key, key=DASHBOARD_XCOM_KEY) or ""
+
+
+class RayDataBaseOperator(BaseOperator):
+    """Shared plumbing: connection, staging location, spec building and the remote call.
+
+    :param raydata_conn_id: a ``raydata`` connection; without a ``raydata_default`` connection
+        the stage runs on an embedded local Ray.
+    :param staging_uri: where stage outputs are committed (templated). Defaults to the
+        connection's ``staging_uri``, then (embedded Ray only) ``$AIRFLOW_HOME/raydata/staging``.
+    :param storage_options: S3 settings for s3:// URIs (``endpoint_url``, ``region_name``,
+        ``aws_access_key_id``, ...), merged over the connection's ``storage_options``.
+    :param tuning: overrides of the runtime's Ray Data settings (see ``runtime.runner``).
+    :param stage_timeout: seconds before the remote stage is cancelled and the task fails.
+    """
+
+    stage: str = ""
+    writes_output = False
+    template_fields: Sequence[str] = ("staging_uri", "storage_options")
+    operator_extra_links = (RayDashboardLink(),)
+    ui_color = "#d6eaff"
+
+    def __init__(
+        self,
+        *,
+        raydata_conn_id: str | None = RayHook.default_conn_name,
+        staging_uri: str | None = None,
+        storage_options: dict[str, Any] | None = None,
+        tuning: dict[str, Any] | None = None,
+        connect_timeout: float | None = None,
+        stage_timeout: float | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.raydata_conn_id = raydata_conn_id
+        self.staging_uri = staging_uri
+        self.storage_options = storage_options
+        self.tuning = tuning
+        self.connect_timeout = connect_timeout
+        self.stage_timeout = stage_timeout
+
+    @cached_property
+    def hook(self) -> RayHook:
+        return RayHook(raydata_conn_id=self.raydata_conn_id, connect_timeout=self.connect_timeout)
+
+    def stage_spec(self, context) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def execute(self, context) -> Any:
+        ti = context["ti"]
+        identity = {
+            "dag_id": ti.dag_id,
+            "run_id": ti.run_id,
+            "task_id": ti.task_id,
+            "try_number": ti.try_number,
+        }
+        spec: dict[str, Any] = {
+            "stage": self.stage,
+            "name": f"{ti.dag_id}.{ti.task_id}",
+            **self.stage_spec(context),
+            "storage": {**self.hook.settings.storage_options, **(self.storage_options or {})},
+            "tuning": self.tuning,
+            "produced_by": identity,
+        }
+        if self.writes_output:
+            spec["output_uri"] = task_prefix(self.resolve_staging_uri(), ti.dag_id, ti.run_id, ti.task_id)
+            spec["try_number"] = ti.try_number
+        if self.hook.settings.dashboard_url:
+            ti.xcom_push(key=DASHBOARD_XCOM_KEY, value=self.hook.settings.dashboard_url)
+        self.log.info("Running %s stage on %s", self.stage, self.hook.settings.where)
+        result = self.hook.run_stage(spec, timeout=self.stage_timeout)
+        metrics = result["metrics"]
+        self.log.info(
+            "%s stage: rows in %s, rows out %s, %.2fs on the cluster",
+            self.stage,
+            "-" if metrics["rows_in"] is None else metrics["rows_in"],
+            metrics["rows_out"],
+            metrics["seconds"],
+        )
+        ti.xcom_push(key="metrics", value=metrics)
+        return self.handle_result(context, result)
+
+    def handle_result(self, context, result: dict[str, Any]) -> Any:
+        if "ref" in result:
+            self.log.info("Committed %s", result["ref"]["uri"])
+        return result.get("ref")
+
+    def on_kill(self) -> None:
+        self.hook.cancel()
+
+    def resolve_staging_uri(self) -> str:
+        uri = self.staging_uri or self.hook.settings.staging_uri
+        if uri:
+            return uri
+        if not self.hook.settings.embedded:
+            raise AirflowException(
+                f"{self.task_id}: the Ray cluster at {self.hook.settings.address} needs a shared staging "
+                "URI such as s3://bucket/raydata-staging: set staging_uri on the operator or on the "
+                f"{self.raydata_conn_id!r} connection (a local default only works for an embedded Ray)"
+            )
+        airflow_home = os.environ.get("AIRFLOW_HOME", os.path.expanduser("~/airflow"))
+        return os.path.join(airflow_home, "raydata", "staging")
+
+    @staticmethod
+    def resolve_input(value: DatasetRefLike | None, name: str = "input") -> DatasetRefLike:
+        """A reference dict (from XCom), a JSON string of one (from a template), or a URI."""
+        if value is None or value == "":
+            raise AirflowException(f"No {name} dataset reference was given (or the upstream pushed none)")
+        if isinstance(value, str) and value.lstrip().startswith("{"):
+            return json.loads(value)
+        return value
+
+
+class RayDataExtractOperator(RayDataBaseOperator):
+    """Read a source into a committed Parquet dataset on the cluster; return its reference.
+
+    :param source: a path, glob or list of them (local or s3://), or a source spec dict
+        such as ``{"kind": "files", "path": ..., "format": "csv"}`` (templated).
+    :param format: ``parquet``, ``csv`` or ``json`` (default: from the file extension).
+    :param columns: columns to keep. :param filter: a row filter such as ``"qty > 0"``.
+    :param cast: ``{"column": "arrow type"}`` applied after reading.
+    """
+
+    stage = "extract"
+    writes_output = True
+    template_fields = (*RayDataBaseOperator.template_fields, "source", "filter")
+
+    def __init__(
+        self,
+        *,
+        source: str | list[str] | dict[str, Any],
+        format: str | None = None,
+        columns: list[str] | None = None,
+        filter: str | None = None,
+        cast: dict[str, str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.source = source
+        self.format = format
+        self.columns = columns
+        self.filter = filter
+        self.cast = cast
+        if cast:
+            validate_steps([{"op": "cast", "columns": cast}])
+
+    def stage_spec(self, context) -> dict[str, Any]:
+        source = dict(self.source) if isinstance(self.source, dict) else {"kind": "files", "path": self.source}
+        options = {"format": self.format, "columns": self.columns, "filter": self.filter, "cast": self.cast}
+        source.update({k: v for k, v in options.items() if v is not None})
+        return {"source": source}
+
+
+class RayDataTransformOperator(RayDataBaseOperator):
+    """Apply a user function and/or declarative steps to a dataset, as one Ray Data pipeline.
+
+    :param input: the upstream reference (``upstream.output``), or a templated URI/JSON.
+    :param fn: a function (or ``"package.module:function"``) for ``map_batches``; it runs first.
+    :param batch_format: ``pandas`` (default), ``pyarrow`` or ``numpy``.
+    :param steps: declarative steps (select, rename, cast, filter, drop_duplicates, join,
+        aggregate, map_batches); see ``airflow_provider_raydata.runtime.transforms``.
+    """
+
+    stage = "transform"
+    writes_output = True
+    template_fields = (*RayDataBaseOperator.template_fields, "input", "steps", "fn_kwargs")
+
+    def __init__(
+        self,
+        *,
+        input: DatasetRefLike,
+        fn: Callable | str | None = None,
+        batch_format: str = "pandas",
+        batch_size: int | str | None = "default",
+        concurrency: int | tuple[int, int] | None = None,
+        num_cpus: float | None = None,
+        num_gpus: float | None = None,
+        fn_kwargs: dict[str, Any] | None = None,
+        steps: list[dict[str, Any]] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.input = input
+        self.fn = fn
+        self.fn_kwargs = fn_kwargs
+        self.map_options = {
+            "batch_format": batch_format,
+            "batch_size": batch_size,
+            "concurrency": concurrency,
+            "num_cpus": num_cpus,
+            "num_gpus": num_gpus,
+        }
+        self.steps = list(steps or [])
+        if fn is None and not self.steps:
+            raise ValueError(f"{self.task_id}: give a function (fn=...) or steps=[...]")
+        validate_steps(self.all_steps(self.steps, self.fn_kwargs))
+
+    def all_steps(self, steps: list[dict[str, Any]], fn_kwargs: dict | None) -> list[dict[str, Any]]:
+        if self.fn is None:
+            return steps
+        head = {"op": "map_batches", "fn": self.fn, "fn_kwargs": fn_kwargs or None, **self.map_options}
+        return [{k: v for k, v in head.items() if v is not None}, *steps]
+
+    def stage_spec(self, context) -> dict[str, Any]:
+        steps = self.all_steps(self.steps, self.fn_kwargs)
+        for step in steps:
+            if step["op"] == "map_batches":
+                ship_by_value(step["fn"])
+            if step["op"] == "join":
+                step["right"] = self.resolve_input(step["right"], "join 'right'")
+        return {"input": self.resolve_input(self.input), "steps": steps}
+
+
+class RayDataQualityOperator(RayDataBaseOperator):
+    """Run data-quality checks in one pass on the cluster; fail the task if any check fails.
+
+    The report goes to XCom under ``quality_report``; the task returns its input reference,
+    so a load can follow the checks.
+    """
+
+    stage = "quality"
+    template_fields = (*RayDataBaseOperator.template_fields, "input", "checks")
+
+    def __init__(self, *, input: DatasetRefLike, checks: list[dict[str, Any]], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.input = input
+        self.checks = checks
+        validate_checks(checks)
+
+    def stage_spec(self, context) -> dict[str, Any]:
+        return {"input": self.resolve_input(self.input), "checks": self.checks}
+
+    def handle_result(self, context, result: dict[str, Any]) -> Any:
+        report = result["report"]
+        context["ti"].xcom_push(key="quality_report", value=report)
+        self.log.info("Quality report for %s rows:\n%s", report["num_rows"], format_report(report))
+        failed = [c for c in report["checks"] if not c["passed"]]
+        if failed:
+            details = "; ".join(f"{c['name']}: got {c['value']}, expected {c['expected']}" for c in failed)
+            raise AirflowFailException(f"{len(failed)} of {len(report['checks'])} quality checks failed: {details}")
+        return result["ref"]
+
+
+class RayDataLoadOperator(RayDataBaseOperator):
+    """Publish a dataset to its destination. A rerun for the same run replaces, never duplicates.
+
+    :param destination: a lake directory (local or s3://) or a destination spec dict.
+    :param partition_by: partition columns (e.g. a date column) for a lake destination.
+    :param mode: ``append``, ``overwrite`` or ``overwrite_partitions`` (replace only the
+        partitions this load writes).
+    """
+
+    stage = "load"
+    template_fields = (*RayDataBaseOperator.template_fields, "input", "destination")
+
+    def __init__(
+        self,
+        *,
+        input: DatasetRefLike,
+        destination: str | dict[str, Any],
+        partition_by: list[str] | None = None,
+        mode: str = "append",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.input = input
+        self.destination = destination
+        self.partition_by = partition_by
+        self.mode = mode
+        if mode not in ("append", "overwrite", "overwrite_partitions"):
+            raise ValueError(f"{self.task_id}: unknown mode {mode!r}; use append, overwrite or overwrite_partitions")
+        if mode == "overwrite_partitions" and not partition_by and not isinstance(destination, dict):
+            raise ValueError(f"{self.task_id}: mode 'overwrite_partitions' needs partition_by")
+
+    def stage_spec(self, context) -> dict[str, Any]:
+        ti = context["ti"]
+        if isinstance(self.destination, dict):
+            destination = dict(self.destination)
+        else:
+            destination = {"kind": "parquet", "path": self.destination}
+        destination.setdefault("mode", self.mode)
+        if self.partition_by:
+            destination.setdefault("partition_by", self.partition_by)
+        # One id per (DAG run, task): the sink replaces what an earlier try of this load wrote.
+        load_id = hashlib.sha1(f"{ti.dag_id}\n{ti.run_id}\n{ti.task_id}".encode()).hexdigest()[:16]
+        return {"input": self.resolve_input(self.input), "destination": destination, "load_id": load_id}
+
+    def handle_result(self, context, result: dict[str, Any]) -> Any:
+        load = result["load"]
+        self.log.info(
+            "Loaded %s rows into %s (%s; partitions: %s)",
+            load["rows_written"],
+            load["destination"],
+            load["mode"],
+            ", ".join(load["partitions"]) or "-",
+        )
+        return load
+
+
+def format_report(report: dict[str, Any]) -> str:
+    rows = [("check", "value", "expected", "result")]
+    rows += [(c["name"], str(c["value"]), c["expected"], "PASS" if c["passed"] else "FAIL") for c in report["checks"]]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)) for r in rows)
+
+
+def ship_by_value(fn: Callable | str) -> None:
+    """Functions defined in a DAG file live in a module the cluster cannot import
+    (Airflow loads DAG files under generated names): pickle that module's code by value."""
+    if isinstance(fn, str):
+        return
+    module = inspect.getmodule(fn)
+    if module is None or module.__name__ == "builtins":
+        return
+    if module.__name__ == "__main__" or module.__name__.startswith("unusual_prefix_"):
+        from ray import cloudpickle
+
+        cloudpickle.register_pickle_by_value(module)

@@ -1,0 +1,93 @@
+"""Dataset references: the small dict stages hand each other, and the atomic commit behind them.
+
+A stage writes its Parquet files into a fresh attempt directory under its task prefix,
+``{staging_uri}/{dag_id}/{run_id}/{task_id}/attempt={try}-{token}/``, and commits by writing
+``_SUCCESS`` (one small object: atomic on local disks and on S3) last. Readers require the
+marker, so a killed or failed attempt is never read. After a commit the task's older attempts
+are deleted: a rerun replaces its own output.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from typing import Any
+
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from airflow_provider_raydata.runtime.storage import exists, filesystem_for, join_uri
+
+SUCCESS = "_SUCCESS"
+ATTEMPT_PREFIX = "attempt="
+
+
+def safe_segment(value: str) -> str:
+    """Make a run id or task id safe as one path segment (run ids contain ':' and '+')."""
+    return re.sub(r"[^A-Za-z0-9._=-]", "_", value)
+
+
+def task_prefix(staging_uri: str, dag_id: str, run_id: str, task_id: str) -> str:
+    return join_uri(staging_uri, safe_segment(dag_id), safe_segment(run_id), safe_segment(task_id))
+
+
+def new_attempt_uri(prefix: str, try_number: int) -> str:
+    return join_uri(prefix, f"{ATTEMPT_PREFIX}{try_number}-{uuid.uuid4().hex[:8]}")
+
+
+def describe_files(fs: pafs.FileSystem, path: str) -> dict[str, Any]:
+    """Row count, schema, size and file count of a Parquet directory, from the file footers."""
+    selector = pafs.FileSelector(path, recursive=True, allow_not_found=True)
+    files = sorted(
+        (f for f in fs.get_file_info(selector) if f.type == pafs.FileType.File and f.path.endswith(".parquet")),
+        key=lambda f: f.path,
+    )
+    num_rows, schema = 0, None
+    for f in files:
+        with fs.open_input_file(f.path) as handle:
+            meta = pq.ParquetFile(handle).metadata
+            num_rows += meta.num_rows
+            schema = schema or meta.schema.to_arrow_schema()
+    return {
+        "num_rows": num_rows,
+        "schema": {field.name: str(field.type) for field in schema} if schema else {},
+        "size_bytes": sum(f.size for f in files),
+        "num_files": len(files),
+    }
+
+
+def commit(
+    attempt_uri: str, storage: dict | None, produced_by: dict[str, Any], schema: dict | None = None
+) -> dict[str, Any]:
+    """Write the ``_SUCCESS`` marker for an attempt, drop older attempts, return the reference."""
+    fs, path = filesystem_for(attempt_uri, storage)
+    fs.create_dir(path, recursive=True)  # an empty result still commits as an empty dataset
+    ref = {"uri": attempt_uri, "format": "parquet", **describe_files(fs, path), "produced_by": produced_by}
+    if schema and not ref["schema"]:
+        ref["schema"] = schema
+    with fs.open_output_stream(f"{path}/{SUCCESS}") as out:
+        out.write(json.dumps(ref).encode())
+    parent = path.rsplit("/", 1)[0]
+    for info in fs.get_file_info(pafs.FileSelector(parent, allow_not_found=True)):
+        name = info.base_name
+        if name.startswith(ATTEMPT_PREFIX) and info.path != path and info.type == pafs.FileType.Directory:
+            fs.delete_dir(info.path)
+    return ref
+
+
+def resolve(ref: dict[str, Any] | str, storage: dict | None) -> dict[str, Any]:
+    """Accept a reference dict or a committed URI; check the commit marker; return the reference."""
+    if isinstance(ref, str):
+        ref = {"uri": ref}
+    uri = ref.get("uri") if isinstance(ref, dict) else None
+    if not uri:
+        raise ValueError(f"Not a dataset reference (no 'uri'): {ref!r}")
+    fs, path = filesystem_for(uri, storage)
+    marker = f"{path}/{SUCCESS}"
+    if not exists(fs, marker):
+        if not exists(fs, path):
+            raise FileNotFoundError(f"Input dataset not found: {uri}")
+        raise FileNotFoundError(f"Input dataset {uri} is not committed (no {SUCCESS} marker)")
+    with fs.open_input_stream(marker) as handle:
+        return json.loads(handle.read())

@@ -1,0 +1,107 @@
+"""``run_stage(spec)``: one stage's Ray Data pipeline, run on the cluster.
+
+The spec is plain data (see ``StageSpec`` in the operators); the result is a small dict:
+a dataset reference and metrics, never rows. The Airflow side calls ``run_stage_remote``
+through the Ray Client; ``python -m airflow_provider_raydata.runtime.runner SPEC.json`` runs
+the same function as a Ray job entrypoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+import ray.data
+from ray.data.context import DataContext, ShuffleStrategy
+
+from airflow_provider_raydata.runtime import refs
+from airflow_provider_raydata.runtime.checks import run_checks
+from airflow_provider_raydata.runtime.sinks import write_destination
+from airflow_provider_raydata.runtime.sources import read_ref, read_source
+from airflow_provider_raydata.runtime.storage import exists, filesystem_for
+from airflow_provider_raydata.runtime.transforms import apply_steps
+
+DEFAULT_TUNING = {
+    # Each read_parquet otherwise starts 32 footer-reading actors: seconds of fixed cost per read.
+    "parquet_footer_actors": 1,
+    # Sort-based shuffles run as tasks; the hash shuffle starts aggregator actors (seconds each time).
+    "shuffle_strategy": "sort_shuffle_pull_based",
+    # Plain numpy-backed pandas batches: with pandas 3 Arrow-backed batches simple arithmetic
+    # such as ``df["id"] % 10`` raises NotImplementedError.
+    "arrow_backed_pandas": False,
+    "min_rows_per_file": 1_000_000,
+}
+
+
+def configure(tuning: dict[str, Any] | None) -> dict[str, Any]:
+    settings = {**DEFAULT_TUNING, **(tuning or {})}
+    os.environ["RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"] = str(settings["parquet_footer_actors"])
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.shuffle_strategy = ShuffleStrategy(settings["shuffle_strategy"])
+    ctx.enable_arrow_backed_pandas_conversion = settings["arrow_backed_pandas"]
+    return settings
+
+
+def run_stage(spec: dict[str, Any]) -> dict[str, Any]:
+    started = time.perf_counter()
+    settings = configure(spec.get("tuning"))
+    stage, storage = spec["stage"], spec.get("storage")
+    result: dict[str, Any] = {"stage": stage}
+    rows_in = None
+    if stage == "extract":
+        ds = read_source(spec["source"], storage)
+    else:
+        ds, input_meta = read_ref(spec["input"], storage)
+        rows_in = input_meta.get("num_rows")
+        result["input"] = input_meta
+    if stage == "transform":
+        ds = apply_steps(ds, spec["steps"], storage)
+    elif stage == "quality":
+        result["report"] = run_checks(ds, spec["checks"])
+        result["ref"] = input_meta
+    elif stage == "load":
+        result["load"] = write_destination(ds, spec["destination"], storage, spec["load_id"])
+    if stage in ("extract", "transform"):
+        result["ref"] = write_output(ds, spec, storage, settings["min_rows_per_file"])
+    result["metrics"] = {
+        "rows_in": rows_in,
+        "rows_out": (result.get("ref") or {}).get("num_rows") or (result.get("load") or {}).get("rows_written"),
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    return result
+
+
+def write_output(ds: ray.data.Dataset, spec: dict, storage: dict | None, min_rows_per_file: int) -> dict:
+    """Write to a fresh attempt directory and commit it; never leave a half-written attempt."""
+    attempt = refs.new_attempt_uri(spec["output_uri"], spec.get("try_number", 1))
+    fs, path = filesystem_for(attempt, storage)
+    try:
+        ds.write_parquet(path, filesystem=fs, min_rows_per_file=min_rows_per_file)
+        if refs.describe_files(fs, path)["num_files"] == 0:  # keep the schema of an empty result
+            schema = ds.schema()
+            empty = schema.base_schema if schema is not None else pa.schema([])
+            fs.create_dir(path, recursive=True)
+            with fs.open_output_stream(f"{path}/empty.parquet") as out:
+                pq.write_table(empty.empty_table(), out)
+        return refs.commit(attempt, storage, spec.get("produced_by", {}))
+    except BaseException:
+        if exists(fs, path):
+            fs.delete_dir(path)
+        raise
+
+
+# num_cpus=0: the stage driver only plans and coordinates; Ray Data's own tasks use the CPUs.
+# max_retries=0: Airflow owns retries of a stage (its outputs are committed atomically).
+run_stage_remote = ray.remote(num_cpus=0, max_retries=0)(run_stage)
+
+
+if __name__ == "__main__":  # Ray Jobs entrypoint: python -m ...runtime.runner spec.json
+    with open(sys.argv[1]) as handle:
+        print(json.dumps(run_stage(json.load(handle)), default=str))

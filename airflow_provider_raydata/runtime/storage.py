@@ -1,0 +1,78 @@
+"""Map URIs (local paths, file://, s3://) to pyarrow filesystems."""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Any
+
+import pyarrow.fs as pafs
+
+GLOB_CHARS = "*?["
+
+
+def filesystem_for(uri: str, options: dict[str, Any] | None = None) -> tuple[pafs.FileSystem, str]:
+    """Return ``(filesystem, path)`` for a URI; ``options`` carry S3 endpoint and credentials."""
+    options = options or {}
+    if uri.startswith("s3://"):
+        endpoint = options.get("endpoint_url")
+        kwargs: dict[str, Any] = {
+            "region": options.get("region_name") or "us-east-1",
+            "access_key": options.get("aws_access_key_id"),
+            "secret_key": options.get("aws_secret_access_key"),
+            "session_token": options.get("aws_session_token"),
+        }
+        if endpoint:
+            scheme, _, host = endpoint.partition("://")
+            kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        return pafs.S3FileSystem(**kwargs), uri[len("s3://") :].rstrip("/")
+    if uri.startswith("file://"):
+        uri = uri[len("file://") :]
+    if "://" in uri:
+        raise ValueError(f"Unsupported URI scheme in {uri!r}: use a local path, file:// or s3://")
+    return pafs.LocalFileSystem(), uri.rstrip("/") or "/"
+
+
+def join_uri(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def exists(fs: pafs.FileSystem, path: str) -> bool:
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def expand(fs: pafs.FileSystem, path: str, extensions: tuple[str, ...]) -> list[str]:
+    """Expand a file, a directory or a glob into data files; raise if nothing matches."""
+    if not any(c in path for c in GLOB_CHARS):
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.File:
+            return [path]
+        if info.type == pafs.FileType.NotFound:
+            raise FileNotFoundError(f"Source path not found: {path}")
+        files = [
+            f.path
+            for f in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+            if f.type == pafs.FileType.File and _is_data_file(f.path, path, extensions)
+        ]
+        if not files:
+            raise FileNotFoundError(f"No {'/'.join(extensions)} files under {path}")
+        return sorted(files)
+    base = path[: min(path.find(c) for c in GLOB_CHARS if c in path)].rsplit("/", 1)[0]
+    if not exists(fs, base):
+        raise FileNotFoundError(f"Source path not found: {base} (from pattern {path})")
+    files = [
+        f.path
+        for f in fs.get_file_info(pafs.FileSelector(base, recursive=True))
+        if f.type == pafs.FileType.File and fnmatch.fnmatchcase(f.path, path)
+    ]
+    if not files:
+        raise FileNotFoundError(f"No files match {path}")
+    return sorted(files)
+
+
+def _is_data_file(path: str, root: str, extensions: tuple[str, ...]) -> bool:
+    # Skip hidden and bookkeeping files (_SUCCESS, .crc, _staging/...) below the root.
+    relative = path[len(root) :].lstrip("/")
+    if any(part.startswith(("_", ".")) for part in relative.split("/")):
+        return False
+    return path.endswith(extensions)

@@ -1,0 +1,203 @@
+"""Transform steps: plain dicts applied to a Ray Dataset as one lazy pipeline.
+
+{"op": "map_batches", "fn": "pkg.mod:fn", "batch_format": "pandas", "fn_kwargs": {...}}
+{"op": "select", "columns": [...]}            {"op": "rename", "columns": {"old": "new"}}
+{"op": "cast", "columns": {"col": "float64"}} {"op": "filter", "expr": "qty > 0"}
+{"op": "drop_duplicates", "keys": [...], "order_by": "updated_at", "keep": "last"}
+{"op": "join", "right": <dataset ref>, "on": [...], "right_on": [...], "how": "inner|left|outer"}
+{"op": "aggregate", "by": [...], "aggs": {"revenue": ["sum", "price"], "n": ["count"]}}
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Callable
+
+import pyarrow as pa
+import ray
+import ray.data
+from ray.data.aggregate import Count, CountDistinct, Max, Mean, Min, Sum
+
+from airflow_provider_raydata.runtime.expressions import compile_expression
+from airflow_provider_raydata.runtime.sources import read_ref
+from airflow_provider_raydata.runtime.specs import (
+    ARROW_JOIN_TYPES,
+    BROADCAST_JOIN_MAX_BYTES,
+    JOIN_TYPES,
+    MAP_BATCHES_OPTIONS,
+    validate_steps,
+)
+from airflow_provider_raydata.runtime.types import cast_columns, check_columns
+
+AGGREGATES = {
+    "sum": Sum,
+    "count": Count,
+    "mean": Mean,
+    "min": Min,
+    "max": Max,
+    "count_distinct": CountDistinct,
+}
+
+
+def resolve_callable(fn: Callable | str) -> Callable:
+    """A callable as is, or ``"package.module:function"`` imported on the cluster."""
+    if callable(fn):
+        return fn
+    module_name, _, attr = str(fn).partition(":")
+    if not attr:
+        raise ValueError(f"Function reference {fn!r} must look like 'package.module:function'")
+    try:
+        target = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"Cannot import {fn!r} on the Ray cluster: {exc}") from exc
+    return target
+
+
+def apply_steps(ds: ray.data.Dataset, steps: list[dict], storage: dict | None) -> ray.data.Dataset:
+    validate_steps(steps)
+    schema = ds.schema()
+    columns: list[str] | None = schema.names if schema is not None else None  # unknown after map_batches
+    for index, step in enumerate(steps, 1):
+        where = f"step {index} ({step['op']})"
+        ds, columns = APPLY[step["op"]](ds, step, columns, where, storage)
+    return ds
+
+
+def _map_batches(ds, step, columns, where, storage):
+    options = {k: step[k] for k in MAP_BATCHES_OPTIONS if step.get(k) is not None}
+    options.setdefault("batch_format", "pandas")
+    fn = resolve_callable(step["fn"])
+    if isinstance(fn, type) and "concurrency" not in options:
+        options["concurrency"] = 1  # a callable class runs in actors and needs a pool size
+    return ds.map_batches(fn, **options), None
+
+
+def _select(ds, step, columns, where, storage):
+    if columns is not None:
+        check_columns(step["columns"], columns, where)
+    return ds.select_columns(list(step["columns"])), list(step["columns"])
+
+
+def _rename(ds, step, columns, where, storage):
+    mapping = step["columns"]
+    if columns is not None:
+        check_columns(mapping, columns, where)
+        columns = [mapping.get(c, c) for c in columns]
+    return ds.rename_columns(mapping), columns
+
+
+def _cast(ds, step, columns, where, storage):
+    if columns is not None:
+        check_columns(step["columns"], columns, where)
+    return _arrow_map(ds, cast_columns, casts=step["columns"]), columns
+
+
+def _filter(ds, step, columns, where, storage):
+    return _arrow_map(ds, filter_batch, expr=step["expr"], where=where), columns
+
+
+def filter_batch(table: pa.Table, expr: str, where: str) -> pa.Table:
+    try:
+        return table.filter(compile_expression(expr, table.schema))
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+
+
+def _drop_duplicates(ds, step, columns, where, storage):
+    keys, order_by = list(step["keys"]), step.get("order_by")
+    if columns is not None:
+        check_columns(keys + ([order_by] if order_by else []), columns, where)
+    return (
+        ds.groupby(keys).map_groups(
+            keep_one_row, batch_format="pyarrow", fn_kwargs={"order_by": order_by, "keep": step.get("keep")}
+        ),
+        columns,
+    )
+
+
+def keep_one_row(group: pa.Table, order_by: str | None, keep: str | None) -> pa.Table:
+    if order_by:
+        group = group.sort_by([(order_by, "ascending")])
+    return group.slice(group.num_rows - 1 if keep == "last" else 0, 1)
+
+
+def _join(ds, step, columns, where, storage):
+    right, meta = read_ref(step["right"], storage)
+    on = list(step["on"])
+    right_on = list(step.get("right_on") or on)
+    how = step.get("how", "inner")
+    right_columns = list(meta.get("schema") or right.schema().names)
+    if columns is not None:
+        check_columns(on, columns, where)
+    check_columns(right_on, right_columns, f"{where}, right side {meta['uri']}")
+    collide = columns is not None and bool((set(columns) - set(on)) & (set(right_columns) - set(right_on)))
+    suffix = "_right" if collide or columns is None else None
+    out_columns = None
+    if columns is not None:
+        extra = [c for c in right_columns if c not in right_on]
+        out_columns = columns + [f"{c}_right" if suffix and c in columns else c for c in extra]
+    broadcast = step.get("broadcast")
+    if broadcast is None:
+        broadcast = how in ARROW_JOIN_TYPES and meta.get("size_bytes", math.inf) <= BROADCAST_JOIN_MAX_BYTES
+    if broadcast:
+        if how not in ARROW_JOIN_TYPES:
+            raise ValueError(f"{where}: a broadcast join supports only inner and left joins, not {how!r}")
+        table = pa.concat_tables(ray.get(right.to_arrow_refs()))
+        return _arrow_map(
+            ds,
+            broadcast_join,
+            right=ray.put(table),
+            on=on,
+            right_on=right_on,
+            how=ARROW_JOIN_TYPES[how],
+            suffix=suffix,
+        ), out_columns
+    partitions = step.get("num_partitions") or max(2, int(ray.cluster_resources().get("CPU", 2)))
+    joined = ds.join(
+        right,
+        join_type=JOIN_TYPES[how],
+        num_partitions=partitions,
+        on=tuple(on),
+        right_on=tuple(right_on),
+        right_suffix=suffix,
+    )
+    return joined, out_columns
+
+
+def broadcast_join(table: pa.Table, right, on, right_on, how, suffix) -> pa.Table:
+    right_table = right if isinstance(right, pa.Table) else ray.get(right)
+    return table.join(right_table, keys=on, right_keys=right_on, join_type=how, right_suffix=suffix, coalesce_keys=True)
+
+
+def _aggregate(ds, step, columns, where, storage):
+    by = list(step.get("by") or [])
+    aggs, out_columns = [], list(by)
+    for name, spec in step["aggs"].items():
+        fn, *args = spec if isinstance(spec, (list, tuple)) else [spec]
+        if args and columns is not None:
+            check_columns(args[:1], columns, where)
+        aggs.append(AGGREGATES[fn](*args[:1], alias_name=name))
+        out_columns.append(name)
+    if by and columns is not None:
+        check_columns(by, columns, where)
+    if by:
+        return ds.groupby(by).aggregate(*aggs), out_columns
+    row = ds.aggregate(*aggs)
+    return ray.data.from_items([row]), out_columns
+
+
+def _arrow_map(ds: ray.data.Dataset, fn: Callable, **kwargs) -> ray.data.Dataset:
+    return ds.map_batches(fn, batch_format="pyarrow", batch_size=None, zero_copy_batch=True, fn_kwargs=kwargs)
+
+
+APPLY = {
+    "map_batches": _map_batches,
+    "select": _select,
+    "rename": _rename,
+    "cast": _cast,
+    "filter": _filter,
+    "drop_duplicates": _drop_duplicates,
+    "join": _join,
+    "aggregate": _aggregate,
+}

@@ -1,0 +1,41 @@
+"""Arrow type names as users write them in cast specs ("float64", "decimal128(15, 2)", ...)."""
+
+from __future__ import annotations
+
+import re
+
+import pyarrow as pa
+
+_DECIMAL = re.compile(r"decimal(?:128)?\((\d+),\s*(\d+)\)")
+_TIMESTAMP = re.compile(r"timestamp\[(s|ms|us|ns)(?:,\s*tz=([^\]]+))?\]")
+
+
+def arrow_type(name: str) -> pa.DataType:
+    text = name.strip().lower()
+    if match := _DECIMAL.fullmatch(text):
+        return pa.decimal128(int(match[1]), int(match[2]))
+    if match := _TIMESTAMP.fullmatch(text):
+        return pa.timestamp(match[1], tz=match[2].upper() if match[2] == "utc" else match[2])
+    try:
+        return pa.type_for_alias(text)
+    except ValueError:
+        raise ValueError(f"Unknown Arrow type {name!r}") from None
+
+
+def cast_columns(table: pa.Table, casts: dict[str, str]) -> pa.Table:
+    """Cast the named columns; string_view columns become string (pyarrow 26 cannot filter them)."""
+    fields = []
+    for field in table.schema:
+        if field.name in casts:
+            field = field.with_type(arrow_type(casts[field.name]))
+        elif pa.types.is_string_view(field.type):
+            field = field.with_type(pa.string())
+        fields.append(field)
+    target = pa.schema(fields)
+    return table if target.equals(table.schema) else table.cast(target)
+
+
+def check_columns(wanted, available, where: str) -> None:
+    missing = [c for c in wanted if c not in available]
+    if missing:
+        raise ValueError(f"Unknown column {missing[0]!r} in {where}; available columns: {', '.join(available)}")
