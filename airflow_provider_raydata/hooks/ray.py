@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import threading
 import time
@@ -200,11 +201,8 @@ class RayHook(BaseHook):
                 ray.cancel(self._running, force=True)
                 raise AirflowException(f"Stage did not finish within {timeout}s on {self.settings.where}") from None
             except RayTaskError as exc:
-                cause = root_cause(exc)
                 self.log.error("Stage failed on %s:\n%s", self.settings.where, exc)
-                raise AirflowException(
-                    f"Stage failed on {self.settings.where}: {type(cause).__name__}: {cause}"
-                ) from None
+                raise AirflowException(f"Stage failed on {self.settings.where}: {root_cause(exc)}") from None
             except RayError as exc:
                 raise AirflowException(
                     f"Lost the stage on {self.settings.where}: {type(exc).__name__}: {exc}"
@@ -255,17 +253,25 @@ def settings_from_connection(
     )
 
 
-def root_cause(exc: BaseException) -> BaseException:
-    """The user's own exception behind Ray's wrappers (RayTaskError, UserCodeException)."""
+def root_cause(exc: BaseException) -> str:
+    """``Type: message`` of the user's own exception behind Ray's wrappers.
+
+    Ray Data wraps errors from a step in ``UserCodeException`` and the original exception
+    survives only in the remote traceback text: take its last exception line from there.
+    """
     from ray.exceptions import RayTaskError
 
-    if isinstance(exc, RayTaskError):
-        exc = exc.cause or exc
-    seen = set()
-    while (exc.__cause__ is not None) and id(exc) not in seen:
-        seen.add(id(exc))
-        exc = exc.__cause__
-    return exc
+    cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    if type(cause).__name__ != "UserCodeException":
+        return f"{type(cause).__name__}: {cause}"
+    lines = [line.strip() for line in str(exc).splitlines()]
+    raised = [line for line in lines if _EXCEPTION_LINE.match(line) and "UserCodeException" not in line]
+    return raised[-1] if raised else f"{type(cause).__name__}: {cause}"
+
+
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Invalid|Interrupt)(\(\w+\))?: ")
 
 
 def _is_embedded(ray_module) -> bool:

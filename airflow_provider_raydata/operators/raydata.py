@@ -97,8 +97,7 @@ class RayDataBaseOperator(BaseOperator):
         if self.writes_output:
             spec["output_uri"] = task_prefix(self.resolve_staging_uri(), ti.dag_id, ti.run_id, ti.task_id)
             spec["try_number"] = ti.try_number
-        if self.hook.settings.dashboard_url:
-            ti.xcom_push(key=DASHBOARD_XCOM_KEY, value=self.hook.settings.dashboard_url)
+        ti.xcom_push(key=DASHBOARD_XCOM_KEY, value=self.hook.settings.dashboard_url or "")
         self.log.info("Running %s stage on %s", self.stage, self.hook.settings.where)
         result = self.hook.run_stage(spec, timeout=self.stage_timeout)
         metrics = result["metrics"]
@@ -203,7 +202,7 @@ class RayDataTransformOperator(RayDataBaseOperator):
         input: DatasetRefLike,
         fn: Callable | str | None = None,
         batch_format: str = "pandas",
-        batch_size: int | str | None = "default",
+        batch_size: int | None = None,
         concurrency: int | tuple[int, int] | None = None,
         num_cpus: float | None = None,
         num_gpus: float | None = None,

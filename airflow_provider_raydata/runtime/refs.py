@@ -1,7 +1,7 @@
 """Dataset references: the small dict stages hand each other, and the atomic commit behind them.
 
 A stage writes its Parquet files into a fresh attempt directory under its task prefix,
-``{staging_uri}/{dag_id}/{run_id}/{task_id}/attempt={try}-{token}/``, and commits by writing
+``{staging_uri}/{dag_id}/{run_id}/{task_id}/attempt-{try}-{token}/``, and commits by writing
 ``_SUCCESS`` (one small object: atomic on local disks and on S3) last. Readers require the
 marker, so a killed or failed attempt is never read. After a commit the task's older attempts
 are deleted: a rerun replaces its own output.
@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from airflow_provider_raydata.runtime.storage import exists, filesystem_for, join_uri
 
 SUCCESS = "_SUCCESS"
-ATTEMPT_PREFIX = "attempt="
+ATTEMPT_PREFIX = "attempt-"  # no "=": readers would take it for a hive partition
 
 
 def safe_segment(value: str) -> str:

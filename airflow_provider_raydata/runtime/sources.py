@@ -77,7 +77,7 @@ def read_ref(ref: dict[str, Any] | str, storage: dict | None) -> tuple[ray.data.
     """Read a committed dataset reference (checks its ``_SUCCESS`` marker first)."""
     meta = refs.resolve(ref, storage)
     fs, path = filesystem_for(meta["uri"], storage)
-    return ray.data.read_parquet(path, filesystem=fs), meta
+    return ray.data.read_parquet(path, filesystem=fs, partitioning=None), meta
 
 
 def _infer_format(path: str) -> str:
