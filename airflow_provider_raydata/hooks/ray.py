@@ -141,13 +141,8 @@ class RayHook(BaseHook):
     def _connect_client(self, settings: ClusterSettings) -> None:
         import ray
 
-        parsed = urlparse(settings.address)
-        host, port = parsed.hostname or "", parsed.port or DEFAULT_CLIENT_PORT
         deadline = time.monotonic() + self.connect_timeout
-        try:
-            socket.create_connection((host, port), timeout=self.connect_timeout).close()
-        except OSError as exc:
-            raise AirflowException(f"Ray cluster at {settings.address} is unreachable: {exc.strerror or exc}") from None
+        probe_cluster(settings, self.connect_timeout)
         kwargs: dict[str, Any] = {"namespace": settings.namespace, "log_to_driver": True}
         if settings.runtime_env:
             kwargs["runtime_env"] = settings.runtime_env
@@ -176,14 +171,9 @@ class RayHook(BaseHook):
             if ray.is_initialized():
                 ray.shutdown()
             time.sleep(min(1.0 * attempt, max(deadline - time.monotonic(), 0)))
-        hint = (
-            "check the auth token"
-            if settings.auth_token
-            else "if the cluster uses token auth (RAY_AUTH_MODE=token), set the connection's password"
-        )
         raise AirflowException(
             f"Could not connect to the Ray cluster at {settings.address} within {self.connect_timeout:g}s "
-            f"({hint}; the Ray Client server may also be overloaded)"
+            "(the Ray Client server answered a ping but did not start a session: it may be overloaded)"
         )
 
     def run_stage(self, spec: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
@@ -216,6 +206,43 @@ class RayHook(BaseHook):
             import ray
 
             ray.cancel(self._running, force=True, recursive=True)
+
+
+def probe_cluster(settings: ClusterSettings, timeout: float) -> None:
+    """Fail fast and clearly: the Ray Client itself retries for about 30 s on an unreachable
+    cluster or a rejected token and then only says "connection timeout"."""
+    import grpc
+    from ray.core.generated import ray_client_pb2, ray_client_pb2_grpc
+
+    parsed = urlparse(settings.address)
+    host, port = parsed.hostname or "", parsed.port or DEFAULT_CLIENT_PORT
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        raise AirflowException(f"Ray cluster at {settings.address} is unreachable: {exc.strerror or exc}") from None
+    channel = grpc.insecure_channel(f"{host}:{port}")
+    try:
+        grpc.channel_ready_future(channel).result(timeout=timeout)
+        metadata = [("authorization", f"Bearer {settings.auth_token}")] if settings.auth_token else []
+        ray_client_pb2_grpc.RayletDriverStub(channel).ClusterInfo(
+            ray_client_pb2.ClusterInfoRequest(type=ray_client_pb2.ClusterInfoType.PING),
+            timeout=timeout,
+            metadata=metadata,
+        )
+    except grpc.FutureTimeoutError:
+        raise AirflowException(
+            f"Ray cluster at {settings.address} accepted a TCP connection but no Ray Client "
+            f"handshake within {timeout:g}s"
+        ) from None
+    except grpc.RpcError as exc:
+        if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+            problem = "was rejected" if settings.auth_token else "is required (set the connection's password)"
+            raise AirflowException(
+                f"Ray cluster at {settings.address} uses token authentication and the auth token {problem}"
+            ) from None
+        raise AirflowException(f"Ray cluster at {settings.address} did not answer a ping: {exc.code().name}") from None
+    finally:
+        channel.close()
 
 
 def settings_from_connection(
