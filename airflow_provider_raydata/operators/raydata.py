@@ -336,14 +336,20 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 def ship_by_value(fn: Callable | str) -> None:
-    """Functions defined in a DAG file live in a module the cluster cannot import
-    (Airflow loads DAG files under generated names): pickle that module's code by value."""
+    """Pickle the code of a user function's module by value, unless it is an installed package.
+
+    Functions defined in a DAG file or a project folder live in modules the cluster cannot
+    import (Airflow even loads DAG files under generated names); installed packages are
+    expected on the cluster too and stay pickled by reference.
+    """
     if isinstance(fn, str):
         return
     module = inspect.getmodule(fn)
-    if module is None or module.__name__ == "builtins":
+    path = getattr(module, "__file__", None)
+    if module is None or path is None:
         return
-    if module.__name__ == "__main__" or module.__name__.startswith("unusual_prefix_"):
+    installed = ("site-packages", "dist-packages", os.path.dirname(os.__file__))
+    if not any(marker in path for marker in installed):
         from ray import cloudpickle
 
         cloudpickle.register_pickle_by_value(module)

@@ -15,6 +15,7 @@ confirmed on the exact keys before the check is failed.
 from __future__ import annotations
 
 import pickle
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -83,7 +84,14 @@ def run_checks(ds: ray.data.Dataset, checks: list[dict[str, Any]]) -> dict[str, 
     return {"passed": not failed, "num_rows": num_rows, "checks": results, "failed": len(failed)}
 
 
-def evaluate(check: dict[str, Any], parts: list, num_rows: int, ds: ray.data.Dataset) -> dict[str, Any]:
+def exact_duplicates(ds: ray.data.Dataset, keys: list[str]) -> int:
+    counts = ds.groupby(keys).count().map_batches(_excess, batch_format="pyarrow")
+    return int(sum(row["excess"] for row in counts.take_all()))
+
+
+def evaluate(
+    check: dict[str, Any], parts: list, num_rows: int, confirm_duplicates: Callable[[list[str]], int]
+) -> dict[str, Any]:
     kind = check["check"]
     result: dict[str, Any] = {"name": check_name(check), "check": kind, "column": check.get("column")}
     if kind == "row_count":
@@ -97,8 +105,7 @@ def evaluate(check: dict[str, Any], parts: list, num_rows: int, ds: ray.data.Dat
         _, counts = np.unique(hashes, return_counts=True)
         value = int((counts[counts > 1] - 1).sum())
         if value:  # confirm on the exact keys: a hash collision must not fail a good key
-            counts_ds = ds.groupby(check["columns"]).count()
-            value = int(sum(r["excess"] for r in counts_ds.map_batches(_excess, batch_format="pyarrow").take_all()))
+            value = confirm_duplicates(check["columns"])
         passed, expected = value == 0, "0 duplicate keys"
     elif kind == "range":
         lows = [p[0] for p in parts if p[0] is not None]

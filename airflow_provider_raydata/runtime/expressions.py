@@ -4,7 +4,8 @@
     "o_orderstatus in ('F', 'O') and o_comment is not None"
 
 String literals compared with a date or timestamp column are cast to the column's type, so
-dates read naturally. Unknown names raise ``ValueError`` naming the column.
+dates read naturally. As in SQL, a null passes no comparison or membership test: use
+``col is None`` to select nulls. Unknown names raise ``ValueError`` naming the column.
 """
 
 from __future__ import annotations
@@ -106,8 +107,9 @@ class _Compiler:
                 if not isinstance(right, (ast.Tuple, ast.List, ast.Set)):
                     raise self.fail(node)
                 values = [self.literal(ast.literal_eval(v), like) for v in right.elts]
-                term = self.visit(left).isin(values)
-                term = term if isinstance(op, ast.In) else ~term
+                column = self.visit(left)
+                term = column.isin(values)
+                term = term if isinstance(op, ast.In) else ~term & column.is_valid()
             elif type(op) in _COMPARE:
                 term = _COMPARE[type(op)](self.visit(left, like), self.visit(right, like))
             else:

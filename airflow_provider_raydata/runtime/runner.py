@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pyarrow as pa
@@ -53,7 +54,11 @@ def configure(tuning: dict[str, Any] | None) -> dict[str, Any]:
     return settings
 
 
-def run_stage(spec: dict[str, Any]) -> dict[str, Any]:
+class StageCancelled(RuntimeError):
+    pass
+
+
+def run_stage(spec: dict[str, Any], cancelled: Callable[[], bool] = lambda: False) -> dict[str, Any]:
     started = time.perf_counter()
     settings = configure(spec.get("tuning"))
     stage, storage = spec["stage"], spec.get("storage")
@@ -73,7 +78,7 @@ def run_stage(spec: dict[str, Any]) -> dict[str, Any]:
     elif stage == "load":
         result["load"] = write_destination(ds, spec["destination"], storage, spec["load_id"])
     if stage in ("extract", "transform"):
-        result["ref"] = write_output(ds, spec, storage, settings["min_rows_per_file"])
+        result["ref"] = write_output(ds, spec, storage, settings["min_rows_per_file"], cancelled)
     result["metrics"] = {
         "rows_in": rows_in,
         "rows_out": (result.get("ref") or {}).get("num_rows") or (result.get("load") or {}).get("rows_written"),
@@ -82,7 +87,13 @@ def run_stage(spec: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def write_output(ds: ray.data.Dataset, spec: dict, storage: dict | None, min_rows_per_file: int) -> dict:
+def write_output(
+    ds: ray.data.Dataset,
+    spec: dict,
+    storage: dict | None,
+    min_rows_per_file: int,
+    cancelled: Callable[[], bool] = lambda: False,
+) -> dict:
     """Write to a fresh attempt directory and commit it; never leave a half-written attempt."""
     attempt = refs.new_attempt_uri(spec["output_uri"], spec.get("try_number", 1))
     fs, path = filesystem_for(attempt, storage)
@@ -94,6 +105,8 @@ def write_output(ds: ray.data.Dataset, spec: dict, storage: dict | None, min_row
             fs.create_dir(path, recursive=True)
             with fs.open_output_stream(f"{path}/empty.parquet") as out:
                 pq.write_table(empty.empty_table(), out)
+        if cancelled():  # the Airflow task was killed while the data was being written
+            raise StageCancelled(f"stage {spec.get('stage_id')} was cancelled before its commit")
         return refs.commit(attempt, storage, spec.get("produced_by", {}))
     except BaseException:
         if exists(fs, path):

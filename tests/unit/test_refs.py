@@ -1,0 +1,42 @@
+import json
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from airflow_provider_raydata.runtime import refs
+
+
+def test_task_prefix_makes_run_ids_path_safe():
+    prefix = refs.task_prefix("s3://bucket/stage/", "daily", "scheduled__2024-01-02T00:00:00+00:00", "load")
+    assert prefix == "s3://bucket/stage/daily/scheduled__2024-01-02T00_00_00_00_00/load"
+
+
+def write_attempt(prefix: str, try_number: int, rows: int) -> str:
+    uri = refs.new_attempt_uri(prefix, try_number)
+    os.makedirs(uri)
+    pq.write_table(pa.table({"id": list(range(rows))}), f"{uri}/part-0.parquet")
+    return uri
+
+
+def test_commit_describes_the_data_and_replaces_older_attempts(tmp_path):
+    prefix = str(tmp_path / "dag" / "run" / "task")
+    first = write_attempt(prefix, 1, 3)
+    refs.commit(first, None, {"try_number": 1})
+    second = write_attempt(prefix, 2, 5)
+    ref = refs.commit(second, None, {"try_number": 2})
+    assert ref["num_rows"] == 5 and ref["num_files"] == 1 and ref["schema"] == {"id": "int64"}
+    assert not os.path.exists(first)
+    assert refs.resolve(second, None) == ref
+    assert json.loads(json.dumps(ref)) == ref  # XCom-safe
+
+
+def test_an_attempt_without_marker_is_never_read(tmp_path):
+    uri = write_attempt(str(tmp_path / "t"), 1, 2)
+    with pytest.raises(FileNotFoundError, match="is not committed"):
+        refs.resolve({"uri": uri}, None)
+    with pytest.raises(FileNotFoundError, match="Input dataset not found"):
+        refs.resolve(str(tmp_path / "missing"), None)
+    with pytest.raises(ValueError, match="Not a dataset reference"):
+        refs.resolve({"path": uri}, None)
