@@ -72,8 +72,7 @@ with DAG(
     lineitem = RayDataExtractOperator(
         task_id="extract_lineitem",
         source=f"{SOURCE}/lineitem/{day}/",
-        columns=["l_orderkey", "l_linenumber", "l_quantity", "l_extendedprice", "l_discount", "l_tax",
-                 "l_returnflag"],
+        columns=["l_orderkey", "l_linenumber", "l_quantity", "l_extendedprice", "l_discount", "l_tax", "l_returnflag"],
         cast={"l_extendedprice": "float64"},
     )
     customer = RayDataExtractOperator(

@@ -12,9 +12,7 @@ from sqlalchemy import select
 
 def main(dag_id: str) -> int:
     with create_session() as session:
-        run = session.scalars(
-            select(DagRun).where(DagRun.dag_id == dag_id).order_by(DagRun.id.desc()).limit(1)
-        ).first()
+        run = session.scalars(select(DagRun).where(DagRun.dag_id == dag_id).order_by(DagRun.id.desc()).limit(1)).first()
         if run is None:
             print(f"No run of {dag_id} found")
             return 1
@@ -31,8 +29,10 @@ def main(dag_id: str) -> int:
     for (task_id, key), report in xcoms.items():
         if key == "quality_report":
             verdict = "PASSED" if report["passed"] else "FAILED"
-            print(f"\nQuality ({task_id}): {verdict}, {len(report['checks']) - report['failed']}/"
-                  f"{len(report['checks'])} checks passed on {report['num_rows']} rows")
+            print(
+                f"\nQuality ({task_id}): {verdict}, {len(report['checks']) - report['failed']}/"
+                f"{len(report['checks'])} checks passed on {report['num_rows']} rows"
+            )
             for check in report["checks"]:
                 print(f"  {'ok  ' if check['passed'] else 'FAIL'} {check['name']}: {check['value']}")
     for (task_id, key), load in xcoms.items():

@@ -19,9 +19,33 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-NATIONS = ["ALGERIA", "ARGENTINA", "BRAZIL", "CANADA", "EGYPT", "ETHIOPIA", "FRANCE", "GERMANY", "INDIA",
-           "INDONESIA", "IRAN", "IRAQ", "JAPAN", "JORDAN", "KENYA", "MOROCCO", "MOZAMBIQUE", "PERU", "CHINA",
-           "ROMANIA", "SAUDI ARABIA", "VIETNAM", "RUSSIA", "UNITED KINGDOM", "UNITED STATES"]
+NATIONS = [
+    "ALGERIA",
+    "ARGENTINA",
+    "BRAZIL",
+    "CANADA",
+    "EGYPT",
+    "ETHIOPIA",
+    "FRANCE",
+    "GERMANY",
+    "INDIA",
+    "INDONESIA",
+    "IRAN",
+    "IRAQ",
+    "JAPAN",
+    "JORDAN",
+    "KENYA",
+    "MOROCCO",
+    "MOZAMBIQUE",
+    "PERU",
+    "CHINA",
+    "ROMANIA",
+    "SAUDI ARABIA",
+    "VIETNAM",
+    "RUSSIA",
+    "UNITED KINGDOM",
+    "UNITED STATES",
+]
 SEGMENTS = ["AUTOMOBILE", "BUILDING", "FURNITURE", "HOUSEHOLD", "MACHINERY"]
 NUM_CUSTOMERS = 1500
 
@@ -36,19 +60,26 @@ def write_dimensions(root: str) -> None:
     os.makedirs(f"{root}/nation", exist_ok=True)
     os.makedirs(f"{root}/customer", exist_ok=True)
     pq.write_table(
-        pa.table({"n_nationkey": np.arange(25, dtype=np.int64), "n_name": NATIONS,
-                  "n_regionkey": np.arange(25, dtype=np.int64) % 5}),
+        pa.table(
+            {
+                "n_nationkey": np.arange(25, dtype=np.int64),
+                "n_name": NATIONS,
+                "n_regionkey": np.arange(25, dtype=np.int64) % 5,
+            }
+        ),
         f"{root}/nation/nation.parquet",
     )
     keys = np.arange(1, NUM_CUSTOMERS + 1, dtype=np.int64)
     pq.write_table(
-        pa.table({
-            "c_custkey": keys,
-            "c_name": [f"Customer#{k:09d}" for k in keys],
-            "c_nationkey": rng.integers(0, 25, NUM_CUSTOMERS),
-            "c_mktsegment": np.array(SEGMENTS)[rng.integers(0, 5, NUM_CUSTOMERS)],
-            "c_acctbal": np.round(rng.uniform(-999.99, 9999.99, NUM_CUSTOMERS), 2),
-        }),
+        pa.table(
+            {
+                "c_custkey": keys,
+                "c_name": [f"Customer#{k:09d}" for k in keys],
+                "c_nationkey": rng.integers(0, 25, NUM_CUSTOMERS),
+                "c_mktsegment": np.array(SEGMENTS)[rng.integers(0, 5, NUM_CUSTOMERS)],
+                "c_acctbal": np.round(rng.uniform(-999.99, 9999.99, NUM_CUSTOMERS), 2),
+            }
+        ),
         f"{root}/customer/customer.parquet",
     )
 
@@ -63,29 +94,34 @@ def write_day(root: str, day: str, orders_per_day: int) -> None:
     linenumbers = np.concatenate([np.arange(1, k + 1) for k in lines_per_order]).astype(np.int64)
     quantity = rng.integers(1, 51, n).astype(np.float64)
     price_cents = (quantity * rng.integers(90_000, 110_000, n) // 100).astype(np.int64)
-    lineitem = pa.table({
-        "l_orderkey": line_orderkeys,
-        "l_linenumber": linenumbers,
-        "l_partkey": rng.integers(1, 200_000, n),
-        "l_quantity": quantity,
-        "l_extendedprice": _money(price_cents),
-        "l_discount": np.round(rng.integers(0, 11, n) / 100, 2),
-        "l_tax": np.round(rng.integers(0, 9, n) / 100, 2),
-        "l_returnflag": np.array(["A", "N", "R"])[rng.integers(0, 3, n)],
-        "l_shipdate": pa.array([date + dt.timedelta(int(d)) for d in rng.integers(1, 30, n)], pa.date32()),
-    })
+    lineitem = pa.table(
+        {
+            "l_orderkey": line_orderkeys,
+            "l_linenumber": linenumbers,
+            "l_partkey": rng.integers(1, 200_000, n),
+            "l_quantity": quantity,
+            "l_extendedprice": _money(price_cents),
+            "l_discount": np.round(rng.integers(0, 11, n) / 100, 2),
+            "l_tax": np.round(rng.integers(0, 9, n) / 100, 2),
+            "l_returnflag": np.array(["A", "N", "R"])[rng.integers(0, 3, n)],
+            "l_shipdate": pa.array([date + dt.timedelta(int(d)) for d in rng.integers(1, 30, n)], pa.date32()),
+        }
+    )
     # Upstream systems resend rows: a few exact duplicates for the pipeline's dedupe step.
     lineitem = pa.concat_tables([lineitem, lineitem.slice(0, 5)])
     totals = np.bincount(np.repeat(np.arange(orders_per_day), lines_per_order), weights=price_cents / 100)
-    orders = pa.table({
-        "o_orderkey": orderkeys,
-        "o_custkey": rng.integers(1, NUM_CUSTOMERS + 1, orders_per_day),
-        "o_orderstatus": np.array(["F", "O", "P"])[rng.integers(0, 3, orders_per_day)],
-        "o_totalprice": np.round(totals, 2),
-        "o_orderdate": [day] * orders_per_day,
-        "o_orderpriority": np.array(["1-URGENT", "2-HIGH", "3-MEDIUM", "4-NOT SPECIFIED", "5-LOW"])[
-            rng.integers(0, 5, orders_per_day)],
-    })
+    orders = pa.table(
+        {
+            "o_orderkey": orderkeys,
+            "o_custkey": rng.integers(1, NUM_CUSTOMERS + 1, orders_per_day),
+            "o_orderstatus": np.array(["F", "O", "P"])[rng.integers(0, 3, orders_per_day)],
+            "o_totalprice": np.round(totals, 2),
+            "o_orderdate": [day] * orders_per_day,
+            "o_orderpriority": np.array(["1-URGENT", "2-HIGH", "3-MEDIUM", "4-NOT SPECIFIED", "5-LOW"])[
+                rng.integers(0, 5, orders_per_day)
+            ],
+        }
+    )
     os.makedirs(f"{root}/orders/{day}", exist_ok=True)
     os.makedirs(f"{root}/lineitem/{day}", exist_ok=True)
     pacsv.write_csv(orders, f"{root}/orders/{day}/orders.csv")

@@ -8,17 +8,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 REQUIRE_SERVICES = os.environ.get("RAYDATA_REQUIRE_SERVICES") == "1"
 
 # Before Airflow is imported anywhere: a private Airflow home with its own SQLite database.
@@ -34,6 +31,8 @@ os.environ.update(
 )
 sys.path.insert(0, str(ROOT / "scripts"))
 
+from tests.services import BIN, RayHead, ServiceUnavailable, free_port, wait_for_port  # noqa: E402
+
 
 def unavailable(reason: str):
     if REQUIRE_SERVICES:
@@ -41,80 +40,13 @@ def unavailable(reason: str):
     pytest.skip(reason)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for_port(port: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return True
-        except OSError:
-            time.sleep(0.2)
-    return False
-
-
-class RayHead:
-    """``ray start --head`` on free ports; stopped by killing the processes of its temp dir."""
-
-    def __init__(self, temp_dir: Path, env: dict[str, str] | None = None):
-        self.temp_dir = temp_dir
-        self.client_port = free_port()
-        self.dashboard_port = free_port()
-        self.env = {**os.environ, **(env or {})}
-        self.address = f"ray://127.0.0.1:{self.client_port}"
-        self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}"
-
-    def start(self) -> None:
-        cmd = [
-            str(BIN / "ray"),
-            "start",
-            "--head",
-            f"--port={free_port()}",
-            f"--ray-client-server-port={self.client_port}",
-            "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={self.dashboard_port}",
-            f"--dashboard-agent-listen-port={free_port()}",
-            "--num-cpus=2",
-            "--include-dashboard=true",
-            f"--temp-dir={self.temp_dir}",
-            "--disable-usage-stats",
-        ]
-        result = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=120)
-        if result.returncode != 0 or not wait_for_port(self.client_port, 60):
-            self.stop()
-            unavailable(f"ray start --head failed: {result.stdout[-2000:]}{result.stderr[-2000:]}")
-
-    def stop(self) -> None:
-        import psutil
-
-        marker = str(self.temp_dir)
-        for proc in psutil.process_iter(["cmdline"]):
-            try:
-                if any(marker in part for part in proc.info["cmdline"] or []):
-                    proc.kill()
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                pass
-        time.sleep(1)
-
-    def connection(self, **extra) -> dict:
-        """An Airflow connection (JSON form) to this head."""
-        return {
-            "conn_type": "raydata",
-            "host": "127.0.0.1",
-            "port": self.client_port,
-            "extra": {"dashboard_url": self.dashboard_url, **extra},
-        }
-
-
 @pytest.fixture(scope="session")
 def ray_head(tmp_path_factory):
     head = RayHead(Path(tempfile.mkdtemp(prefix="rayh-")))  # short: Ray's socket paths are length-limited
-    head.start()
+    try:
+        head.start()
+    except ServiceUnavailable as exc:
+        unavailable(str(exc))
     yield head
     head.stop()
     shutil.rmtree(head.temp_dir, ignore_errors=True)

@@ -53,9 +53,24 @@ def table(tmp_path_factory):
     return root, data.to_pandas()
 
 
+@pytest.fixture(scope="module")
+def ray_conn(ray_head):
+    """``raydata_default`` points at the test head for this module."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("AIRFLOW_CONN_RAYDATA_DEFAULT", json.dumps(ray_head.connection()))
+        yield ray_head
+
+
 @pytest.fixture
 def staging(tmp_path):
     return str(tmp_path / "staging")
+
+
+@pytest.fixture(scope="module")
+def source(ray_conn, table, tmp_path_factory):
+    """The whole input, extracted once for the tests that only need a committed input."""
+    root, _ = table
+    return extract(str(tmp_path_factory.mktemp("shared") / "staging"), source=str(root))
 
 
 def extract(staging, **kwargs):
@@ -89,9 +104,8 @@ def test_extract_csv_and_json(ray_conn, table, staging, pattern, fmt):
     assert pq.read_table(ref["uri"]).column("price").to_pylist() is not None
 
 
-def test_transform_user_function_and_steps_match_pandas(ray_conn, table, staging):
+def test_transform_user_function_and_steps_match_pandas(ray_conn, table, source, staging):
     root, frame = table
-    source = extract(staging, source=str(root))
     dim = pd.DataFrame({"group": [f"g{i}" for i in range(5)], "label": [f"L{i}" for i in range(5)]})
     dim_path = f"{staging}-dim"
     import os
@@ -122,16 +136,16 @@ def test_transform_user_function_and_steps_match_pandas(ray_conn, table, staging
         total=("price", lambda s: (s * 2).sum()), n=("id", "size"), groups=("group", "nunique")
     )
     assert ti.xcoms["metrics"]["rows_in"] == 1000
-    assert got.loc[None if None in got.index else got.index.isna()].shape[0] >= 1  # unmatched groups kept
+    unmatched = got[got.index.isna()]  # the left join keeps groups g5 and g6, which have no label
+    assert unmatched["n"].tolist() == [expected_rows["label"].isna().sum()]
     for label in [f"L{i}" for i in range(5)]:
         assert got.loc[label, "total"] == pytest.approx(expected.loc[label, "total"])
         assert got.loc[label, "n"] == expected.loc[label, "n"]
         assert got.loc[label, "groups"] == 1
 
 
-def test_select_rename_cast_dedupe_and_outer_join(ray_conn, table, staging):
+def test_select_rename_cast_dedupe_and_outer_join(ray_conn, table, source, staging):
     root, frame = table
-    source = extract(staging, source=str(root))
     right = extract(staging + "-r", source=str(root), filter="id <= 10", columns=["id", "group"])
     ref, _ = run_operator(
         RayDataTransformOperator(
@@ -155,9 +169,7 @@ def test_select_rename_cast_dedupe_and_outer_join(ray_conn, table, staging):
     assert len(out) == len(last_per_group) + len(set(range(1, 11)) - set(last_per_group["id"]))
 
 
-def test_quality_passes_input_on_and_reports(ray_conn, table, staging):
-    root, frame = table
-    source = extract(staging, source=str(root))
+def test_quality_passes_input_on_and_reports(ray_conn, source):
     ref, ti = run_operator(
         RayDataQualityOperator(
             task_id="quality",
@@ -177,9 +189,7 @@ def test_quality_passes_input_on_and_reports(ray_conn, table, staging):
     assert report["passed"] and report["num_rows"] == 1000 and len(report["checks"]) == 6
 
 
-def test_quality_failure_lists_every_failed_check(ray_conn, table, staging):
-    root, frame = table
-    source = extract(staging, source=str(root))
+def test_quality_failure_lists_every_failed_check(ray_conn, source):
     op = RayDataQualityOperator(
         task_id="quality",
         input=source,
@@ -198,9 +208,7 @@ def test_quality_failure_lists_every_failed_check(ray_conn, table, staging):
     assert "range(price)" in message and "accepted_values(group)" in message
 
 
-def test_load_modes_never_duplicate_a_rerun(ray_conn, table, staging, tmp_path):
-    root, frame = table
-    source = extract(staging, source=str(root))
+def test_load_modes_never_duplicate_a_rerun(ray_conn, source, tmp_path):
     lake = str(tmp_path / "lake")
 
     def load(mode, run_id, **kwargs):
@@ -231,20 +239,18 @@ def test_missing_input_path_is_named(ray_conn, staging, tmp_path):
         extract(staging, source=str(missing))
 
 
-def test_unknown_column_in_step_is_named(ray_conn, table, staging):
-    root, _ = table
-    source = extract(staging, source=str(root))
+def test_unknown_column_in_step_is_named(ray_conn, source, staging):
     op = RayDataTransformOperator(
         task_id="bad", input=source, staging_uri=staging, steps=[{"op": "select", "columns": ["id", "nope"]}]
     )
     with pytest.raises(AirflowException, match="Unknown column 'nope' in step 1 \\(select\\)"):
         run_operator(op)
-    assert not any("attempt-" in p.name for p in (root.parent / "staging").glob("**/bad/*"))
+    from pathlib import Path
+
+    assert not list(Path(staging).glob("**/bad/attempt-*"))  # the failed attempt left nothing
 
 
-def test_user_function_error_reaches_the_task(ray_conn, table, staging):
-    root, _ = table
-    source = extract(staging, source=str(root))
+def test_user_function_error_reaches_the_task(ray_conn, source, staging):
     op = RayDataTransformOperator(task_id="boom", input=source, fn=always_fails, staging_uri=staging)
     with pytest.raises(AirflowException, match="ValueError: price column looks corrupt in this batch"):
         run_operator(op)

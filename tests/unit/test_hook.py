@@ -5,7 +5,7 @@ from airflow.sdk.exceptions import AirflowException
 
 from airflow_provider_raydata.hooks.ray import ClusterSettings, RayHook, settings_from_connection
 from airflow_provider_raydata.operators import RayDataExtractOperator
-from tests.conftest import free_port
+from tests.services import free_port
 
 
 def test_connection_fields_become_settings():

@@ -1,0 +1,313 @@
+"""The daily pipeline at TPC-H scale: the provider's operators over ray:// against the same
+work written by hand as one Ray Data driver on the same cluster, in the same run.
+
+    python benchmarks/daily_pipeline.py [--scale 1 0.1] [--out benchmarks/results/daily_pipeline.json]
+
+Starts its own Ray head (2 CPUs), generates TPC-H data with tpchgen-cli, then per scale factor:
+  handwritten_default  one remote task, Ray Data's default settings
+  handwritten_tuned    one remote task, the runtime's tuned settings and broadcast joins
+  operators            Extract x4, Transform, Quality, Load through RayHook, one ray:// session each
+Reports wall seconds per stage, rows/s and this (Airflow-side) process's peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="raydata-bench-airflow-"))
+
+from tests.helpers import run_operator  # noqa: E402
+from tests.services import BIN, RayHead  # noqa: E402
+
+YEAR = ("1995-01-01", "1996-01-01")
+MONEY = {"l_extendedprice": "float64", "l_discount": "float64", "l_tax": "float64", "l_quantity": "float64"}
+SEGMENTS = ["AUTOMOBILE", "BUILDING", "FURNITURE", "HOUSEHOLD", "MACHINERY"]
+
+
+def net_revenue(batch):
+    batch["revenue"] = batch["l_extendedprice"] * (1 - batch["l_discount"]) * (1 + batch["l_tax"])
+    return batch
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def generate(data: Path, scale: float) -> Path:
+    target = data / f"sf{scale:g}"
+    if not (target / "lineitem.parquet").exists():
+        target.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            [
+                str(BIN / "tpchgen-cli"),
+                "parquet",
+                "-s",
+                f"{scale:g}",
+                f"--output-dir={target}",
+                "--tables=lineitem,orders,customer,nation",
+            ],
+            check=True,
+        )
+    return target
+
+
+def handwritten(source: str, output: str, tuned: bool) -> dict:
+    """The same work as one hand-written Ray Data driver (run as one remote task)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import ray
+    import ray.data
+    from ray.data.aggregate import Count, CountDistinct, Sum
+    from ray.data.context import DataContext, ShuffleStrategy
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    if tuned:
+        os.environ["RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"] = "1"
+        ctx.use_datasource_v2 = False
+        ctx.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    ctx.enable_arrow_backed_pandas_conversion = False
+    started = time.perf_counter()
+
+    def prepare(t: pa.Table) -> pa.Table:
+        t = t.cast(
+            pa.schema(
+                [
+                    f.with_type(pa.string())
+                    if pa.types.is_string_view(f.type)
+                    else f.with_type(pa.float64())
+                    if f.name in MONEY
+                    else f
+                    for f in t.schema
+                ]
+            )
+        )
+        low, high = (pa.scalar(d).cast(pa.date32()) for d in YEAR)
+        return t.filter(pc.and_(pc.greater_equal(t["l_shipdate"], low), pc.less(t["l_shipdate"], high)))
+
+    def strings(t: pa.Table) -> pa.Table:
+        return t.cast(pa.schema([f.with_type(pa.string()) if pa.types.is_string_view(f.type) else f for f in t.schema]))
+
+    cols = ["l_orderkey", "l_extendedprice", "l_discount", "l_tax", "l_quantity", "l_shipdate", "l_returnflag"]
+    lines = ray.data.read_parquet(f"{source}/lineitem.parquet", columns=cols)
+    lines = lines.map_batches(prepare, batch_format="pyarrow", batch_size=None).map_batches(net_revenue)
+    dims = {
+        "orders": ray.data.read_parquet(f"{source}/orders.parquet", columns=["o_orderkey", "o_custkey"]),
+        "customer": ray.data.read_parquet(
+            f"{source}/customer.parquet", columns=["c_custkey", "c_nationkey", "c_mktsegment"]
+        ),
+        "nation": ray.data.read_parquet(f"{source}/nation.parquet", columns=["n_nationkey", "n_name"]),
+    }
+    dims = {k: v.map_batches(strings, batch_format="pyarrow", batch_size=None) for k, v in dims.items()}
+    keys = [
+        ("l_orderkey", "o_orderkey", "orders"),
+        ("o_custkey", "c_custkey", "customer"),
+        ("c_nationkey", "n_nationkey", "nation"),
+    ]
+    joined = lines
+    for left, right, name in keys:
+        if tuned:  # broadcast the (small) right side, as the provider does
+            table = ray.put(pa.concat_tables(ray.get(dims[name].to_arrow_refs())))
+            joined = joined.map_batches(
+                lambda t, r=table, lk=left, rk=right: t.join(ray.get(r), keys=lk, right_keys=rk),
+                batch_format="pyarrow",
+                batch_size=None,
+            )
+        else:
+            joined = joined.join(dims[name], "inner", 4, on=(left,), right_on=(right,))
+    result = joined.groupby(["l_shipdate", "c_mktsegment", "n_name"]).aggregate(
+        Sum("revenue", alias_name="revenue"),
+        CountDistinct("l_orderkey", alias_name="orders"),
+        Count(alias_name="lines"),
+    )
+    result.write_parquet(output)
+    rows = sum(pq_rows(f) for f in Path(output).glob("*.parquet"))
+    return {"seconds": time.perf_counter() - started, "rows_out": rows}
+
+
+def pq_rows(path) -> int:
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(path).metadata.num_rows
+
+
+def run_handwritten(head: RayHead, source: Path, work: Path, tuned: bool) -> dict:
+    import ray
+
+    from airflow_provider_raydata.operators.raydata import ship_by_value
+
+    ship_by_value(handwritten)
+    started = time.perf_counter()
+    ray.init(head.address, log_to_driver=False)
+    try:
+        inner = ray.get(ray.remote(num_cpus=0)(handwritten).remote(str(source), str(work / f"hand-{tuned}"), tuned))
+    finally:
+        ray.shutdown()
+    return {
+        "wall_seconds": time.perf_counter() - started,
+        "cluster_seconds": inner["seconds"],
+        "rows_out": inner["rows_out"],
+    }
+
+
+def run_operators(source: Path, work: Path) -> dict:
+    from airflow_provider_raydata.operators import (
+        RayDataExtractOperator,
+        RayDataLoadOperator,
+        RayDataQualityOperator,
+        RayDataTransformOperator,
+    )
+
+    stages, run_id = {}, f"bench-{time.time_ns()}"
+    staging = str(work / "staging")
+
+    def timed(op):
+        started = time.perf_counter()
+        result, ti = run_operator(op, run_id=run_id)
+        stages[op.task_id] = {
+            "wall_seconds": round(time.perf_counter() - started, 2),
+            "cluster_seconds": ti.xcoms["metrics"]["seconds"],
+            "rows_in": ti.xcoms["metrics"]["rows_in"],
+            "rows_out": ti.xcoms["metrics"]["rows_out"],
+        }
+        return result
+
+    lineitem = timed(
+        RayDataExtractOperator(
+            task_id="extract_lineitem",
+            source=f"{source}/lineitem.parquet",
+            staging_uri=staging,
+            columns=[
+                "l_orderkey",
+                "l_extendedprice",
+                "l_discount",
+                "l_tax",
+                "l_quantity",
+                "l_shipdate",
+                "l_returnflag",
+            ],
+            filter=f"l_shipdate >= '{YEAR[0]}' and l_shipdate < '{YEAR[1]}'",
+            cast=MONEY,
+        )
+    )
+    orders = timed(
+        RayDataExtractOperator(
+            task_id="extract_orders",
+            source=f"{source}/orders.parquet",
+            staging_uri=staging,
+            columns=["o_orderkey", "o_custkey"],
+        )
+    )
+    customer = timed(
+        RayDataExtractOperator(
+            task_id="extract_customer",
+            source=f"{source}/customer.parquet",
+            staging_uri=staging,
+            columns=["c_custkey", "c_nationkey", "c_mktsegment"],
+        )
+    )
+    nation = timed(
+        RayDataExtractOperator(
+            task_id="extract_nation",
+            source=f"{source}/nation.parquet",
+            staging_uri=staging,
+            columns=["n_nationkey", "n_name"],
+        )
+    )
+    revenue = timed(
+        RayDataTransformOperator(
+            task_id="transform",
+            input=lineitem,
+            fn=net_revenue,
+            staging_uri=staging,
+            steps=[
+                {"op": "join", "right": orders, "on": ["l_orderkey"], "right_on": ["o_orderkey"]},
+                {"op": "join", "right": customer, "on": ["o_custkey"], "right_on": ["c_custkey"]},
+                {"op": "join", "right": nation, "on": ["c_nationkey"], "right_on": ["n_nationkey"]},
+                {
+                    "op": "aggregate",
+                    "by": ["l_shipdate", "c_mktsegment", "n_name"],
+                    "aggs": {
+                        "revenue": ["sum", "revenue"],
+                        "orders": ["count_distinct", "l_orderkey"],
+                        "lines": ["count"],
+                    },
+                },
+            ],
+        )
+    )
+    checked = timed(
+        RayDataQualityOperator(
+            task_id="quality",
+            input=revenue,
+            checks=[
+                {"check": "row_count", "min": 1},
+                {"check": "not_null", "column": "revenue"},
+                {"check": "unique", "columns": ["l_shipdate", "c_mktsegment", "n_name"]},
+                {"check": "range", "column": "revenue", "min": 0},
+                {"check": "accepted_values", "column": "c_mktsegment", "values": SEGMENTS},
+            ],
+        )
+    )
+    timed(
+        RayDataLoadOperator(
+            task_id="load",
+            input=checked,
+            destination=str(work / "lake"),
+            partition_by=["c_mktsegment"],
+            mode="overwrite_partitions",
+        )
+    )
+    total = sum(s["wall_seconds"] for s in stages.values())
+    return {"wall_seconds": round(total, 2), "stages": stages, "rows_out": stages["transform"]["rows_out"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--scale", type=float, nargs="+", default=[1.0, 0.1])
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "daily_pipeline.json"))
+    parser.add_argument("--data", default=str(ROOT / ".bench" / "tpch"))
+    args = parser.parse_args()
+    head = RayHead(Path(tempfile.mkdtemp(prefix="rayb-")))
+    head.start()
+    os.environ["AIRFLOW_CONN_RAYDATA_DEFAULT"] = json.dumps(head.connection())
+    results = {"cluster": "ray start --head --num-cpus=2 on this machine, reached over ray://", "runs": {}}
+    try:
+        for scale in args.scale:
+            source = generate(Path(args.data), scale)
+            work = Path(tempfile.mkdtemp(prefix=f"bench-sf{scale:g}-"))
+            lineitem_rows = pq_rows(source / "lineitem.parquet")
+            run = {"lineitem_rows": lineitem_rows}
+            rss_before = peak_rss_mb()
+            run["operators"] = run_operators(source, work)
+            run["operators"]["airflow_side_peak_rss_mb"] = round(peak_rss_mb(), 1)
+            run["operators"]["airflow_side_rss_before_mb"] = round(rss_before, 1)
+            for tuned in (False, True):
+                key = "handwritten_tuned" if tuned else "handwritten_default"
+                run[key] = run_handwritten(head, source, work, tuned)
+            ops = run["operators"]["wall_seconds"]
+            run["operators"]["lineitem_rows_per_second"] = round(lineitem_rows / ops)
+            run["ratio_to_handwritten_default"] = round(ops / run["handwritten_default"]["wall_seconds"], 2)
+            run["ratio_to_handwritten_tuned"] = round(ops / run["handwritten_tuned"]["wall_seconds"], 2)
+            assert run["handwritten_tuned"]["rows_out"] == run["operators"]["rows_out"], "results differ"
+            results["runs"][f"sf{scale:g}"] = run
+            print(json.dumps({f"sf{scale:g}": run}, indent=2), flush=True)
+    finally:
+        head.stop()
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
