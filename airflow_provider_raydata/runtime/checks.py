@@ -79,7 +79,10 @@ def run_checks(ds: ray.data.Dataset, checks: list[dict[str, Any]]) -> dict[str, 
     ).take_all()
     num_rows = sum(b["rows"] for b in batches)
     per_batch = [pickle.loads(b["parts"]) for b in batches]
-    results = [evaluate(check, [p[i] for p in per_batch], num_rows, ds) for i, check in enumerate(checks)]
+    results = [
+        evaluate(check, [p[i] for p in per_batch], num_rows, lambda keys: exact_duplicates(ds, keys))
+        for i, check in enumerate(checks)
+    ]
     failed = [r for r in results if not r["passed"]]
     return {"passed": not failed, "num_rows": num_rows, "checks": results, "failed": len(failed)}
 

