@@ -40,7 +40,8 @@ class RayHead:
         self.temp_dir = temp_dir
         self.client_port = free_port()
         self.dashboard_port = free_port()
-        self.env = {**os.environ, **(env or {})}
+        # Jobs submitted to the head run `python ...`: it must be this environment's Python.
+        self.env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **(env or {})}
         self.address = f"ray://127.0.0.1:{self.client_port}"
         self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}"
 

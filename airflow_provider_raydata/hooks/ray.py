@@ -196,18 +196,53 @@ class RayHook(BaseHook):
                 self._running = None
 
     def stage_executor(self):
-        """The cluster's long-lived stage driver for this namespace and runtime_env (created once)."""
+        """The cluster's long-lived stage driver for this namespace and runtime_env.
+
+        With a dashboard URL it lives in a service job submitted through the Jobs API (warm
+        workers: see ``runtime.service``); otherwise it is a detached actor created here.
+        """
+        import ray
+
         from airflow_provider_raydata import __version__
         from airflow_provider_raydata.runtime.executor import StageExecutor
 
         env = json.dumps(self.settings.runtime_env, sort_keys=True)
         name = f"raydata-stage-executor-{__version__}-{hashlib.sha1(env.encode()).hexdigest()[:10]}"
-        return StageExecutor.options(
-            name=name,
-            namespace=self.settings.namespace or "raydata",
-            lifetime="detached",
-            get_if_exists=True,
-        ).remote()
+        namespace = self.settings.namespace or "raydata"
+        try:
+            return ray.get_actor(name, namespace=namespace)
+        except ValueError:
+            pass
+        if self.settings.dashboard_url and not self.settings.embedded:
+            return self._start_executor_service(name, namespace)
+        return StageExecutor.options(name=name, namespace=namespace, lifetime="detached", get_if_exists=True).remote()
+
+    def _start_executor_service(self, name: str, namespace: str):
+        import ray
+        from ray.job_submission import JobSubmissionClient
+
+        headers = {"Authorization": f"Bearer {self.settings.auth_token}"} if self.settings.auth_token else None
+        client = JobSubmissionClient(self.settings.dashboard_url, headers=headers)
+        job_id = client.submit_job(
+            entrypoint=f"python -m airflow_provider_raydata.runtime.service {name} {namespace}",
+            submission_id=f"{name}-{uuid.uuid4().hex[:6]}",
+            runtime_env=self.settings.runtime_env or None,
+            metadata={"purpose": "airflow-provider-raydata stage executor"},
+        )
+        self.log.info("Started the stage executor service job %s on %s", job_id, self.settings.where)
+        deadline = time.monotonic() + max(self.connect_timeout, 60)
+        while time.monotonic() < deadline:
+            try:
+                return ray.get_actor(name, namespace=namespace)
+            except ValueError:
+                status = client.get_job_status(job_id)
+                if status.is_terminal():
+                    raise AirflowException(
+                        f"The stage executor job {job_id} on {self.settings.where} ended ({status}): "
+                        f"{client.get_job_logs(job_id)[-2000:]}"
+                    ) from None
+                time.sleep(0.5)
+        raise AirflowException(f"The stage executor job {job_id} on {self.settings.where} did not start in time")
 
     def cancel(self) -> None:
         """Cancel the running stage (``on_kill``): it is interrupted and never commits."""

@@ -21,7 +21,7 @@ def load_dag(monkeypatch, source, lake):
     monkeypatch.setenv("RAYDATA_LAKE_URI", str(lake))
     from airflow.dag_processing.dagbag import DagBag
 
-    bag = DagBag(dag_folder=str(ROOT / "dags"), include_examples=False)
+    bag = DagBag(dag_folder=str(ROOT / "dags"))
     assert not bag.import_errors, bag.import_errors
     return bag.dags["raydata_daily_batch"]
 
