@@ -5,7 +5,7 @@ work written by hand as one Ray Data driver on the same cluster, in the same run
 
 Starts its own Ray head (2 CPUs), generates TPC-H data with tpchgen-cli, then per scale factor:
   handwritten_default  one remote task, Ray Data's default settings
-  handwritten_tuned    one remote task, the runtime's tuned settings and broadcast joins
+  handwritten_tuned    one remote task, the runtime's settings, broadcast joins and two-phase aggregation
   operators            Extract x4, Transform, Quality, Load through RayHook, one ray:// session each
 Reports wall seconds per stage, rows/s and this (Airflow-side) process's peak RSS.
 """
@@ -115,22 +115,28 @@ def handwritten(source: str, output: str, tuned: bool) -> dict:
         ("o_custkey", "c_custkey", "customer"),
         ("c_nationkey", "n_nationkey", "nation"),
     ]
+    by = ["l_shipdate", "c_mktsegment", "n_name"]
     joined = lines
-    for left, right, name in keys:
-        if tuned:  # broadcast the (small) right side, as the provider does
-            table = ray.put(pa.concat_tables(ray.get(dims[name].to_arrow_refs())))
-            joined = joined.map_batches(
-                lambda t, r=table, lk=left, rk=right: t.join(ray.get(r), keys=lk, right_keys=rk),
-                batch_format="pyarrow",
-                batch_size=None,
-            )
-        else:
+    if not tuned:  # what a first script looks like: Ray Data's own join and groupby
+        for left, right, name in keys:
             joined = joined.join(dims[name], "inner", 4, on=(left,), right_on=(right,))
-    result = joined.groupby(["l_shipdate", "c_mktsegment", "n_name"]).aggregate(
-        Sum("revenue", alias_name="revenue"),
-        CountDistinct("l_orderkey", alias_name="orders"),
-        Count(alias_name="lines"),
-    )
+        result = joined.groupby(by).aggregate(
+            Sum("revenue", alias_name="revenue"),
+            CountDistinct("l_orderkey", alias_name="orders"),
+            Count(alias_name="lines"),
+        )
+    else:  # the techniques the runtime uses: broadcast joins, two-phase pyarrow aggregation
+        from airflow_provider_raydata.runtime.transforms import broadcast_join, merge_partials, partial_aggregate
+
+        for left, right, name in keys:
+            table = ray.put(pa.concat_tables(ray.get(dims[name].to_arrow_refs())))
+            options = {"right": table, "on": [left], "right_on": [right], "how": "inner", "suffix": None}
+            joined = joined.map_batches(broadcast_join, batch_format="pyarrow", batch_size=None, fn_kwargs=options)
+        aggs = [("revenue", "sum", "revenue"), ("orders", "count_distinct", "l_orderkey"), ("lines", "count", None)]
+        partials = joined.map_batches(
+            partial_aggregate, batch_format="pyarrow", batch_size=None, fn_kwargs={"by": by, "aggs": aggs}
+        )
+        result = ray.data.from_arrow(merge_partials(pa.concat_tables(ray.get(partials.to_arrow_refs())), by, aggs))
     result.write_parquet(output)
     rows = sum(pq_rows(f) for f in Path(output).glob("*.parquet"))
     return {"seconds": time.perf_counter() - started, "rows_out": rows}

@@ -14,6 +14,8 @@ import importlib
 import math
 from collections.abc import Callable
 
+import numpy as np
+import pandas as pd
 import pyarrow as pa
 import ray
 import ray.data
@@ -172,19 +174,75 @@ def broadcast_join(table: pa.Table, right, on, right_on, how, suffix) -> pa.Tabl
 
 def _aggregate(ds, step, columns, where, storage):
     by = list(step.get("by") or [])
-    aggs, out_columns = [], list(by)
+    aggs = []
     for name, spec in step["aggs"].items():
         fn, *args = spec if isinstance(spec, (list, tuple)) else [spec]
-        if args and columns is not None:
-            check_columns(args[:1], columns, where)
-        aggs.append(AGGREGATES[fn](*args[:1], alias_name=name))
-        out_columns.append(name)
-    if by and columns is not None:
-        check_columns(by, columns, where)
+        aggs.append((name, fn, args[0] if args else None))
+    if columns is not None:
+        check_columns(by + [c for _, _, c in aggs if c], columns, where)
+    out_columns = by + [name for name, _, _ in aggs]
+    # Two phases: every block is pre-aggregated with pyarrow (vectorised, no shuffle) and the
+    # far smaller partials are merged here. Ray's groupby (a shuffle with Python accumulators
+    # for count_distinct: 77 s for 0.9M rows into 45k groups here) stays the fallback for
+    # keys with so many groups that the partials would not fit one process.
+    partial_refs = _arrow_map(ds, partial_aggregate, by=by, aggs=aggs).materialize().to_arrow_refs()
+    partials = pa.concat_tables(ray.get(partial_refs)) if partial_refs else None
+    if partials is not None and partials.num_rows <= LOCAL_MERGE_MAX_ROWS:
+        return ray.data.from_arrow(merge_partials(partials, by, aggs)), out_columns
+    ray_aggs = [AGGREGATES[fn](*([column] if column else []), alias_name=name) for name, fn, column in aggs]
     if by:
-        return ds.groupby(by).aggregate(*aggs), out_columns
-    row = ds.aggregate(*aggs)
-    return ray.data.from_items([row]), out_columns
+        return ds.groupby(by).aggregate(*ray_aggs), out_columns
+    return ray.data.from_items([ds.aggregate(*ray_aggs)]), out_columns
+
+
+LOCAL_MERGE_MAX_ROWS = 5_000_000
+
+
+def partial_aggregate(table: pa.Table, by: list[str], aggs: list[tuple]) -> pa.Table:
+    specs, names = [], []
+    for name, fn, column in aggs:
+        if fn == "count" and column is None:
+            specs.append(([], "count_all"))
+            names.append(f"{name}#n")
+        elif fn == "count":
+            specs.append((column, "count"))
+            names.append(f"{name}#n")
+        elif fn == "mean":
+            specs += [(column, "sum"), (column, "count")]
+            names += [f"{name}#sum", f"{name}#n"]
+        elif fn == "count_distinct":
+            specs.append((column, "distinct"))
+            names.append(f"{name}#distinct")
+        else:  # sum, min, max
+            specs.append((column, fn))
+            names.append(f"{name}#{fn}")
+    keys = by or ["__all__"]  # pyarrow has no whole-table "distinct": group by a constant instead
+    if not by:
+        table = table.append_column("__all__", pa.array(np.zeros(table.num_rows, dtype=np.int8)))
+    return table.group_by(keys, use_threads=False).aggregate(specs).rename_columns(keys + names)
+
+
+def merge_partials(partials: pa.Table, by: list[str], aggs: list[tuple]) -> pa.Table:
+    frame = partials.to_pandas()
+    keys = by or ["__all__"]
+    grouped = frame.groupby(keys, dropna=False, sort=False)
+    merged = {}
+    for name, fn, _ in aggs:
+        if fn == "count":
+            merged[name] = grouped[f"{name}#n"].sum()
+        elif fn == "mean":
+            merged[name] = grouped[f"{name}#sum"].sum(min_count=1) / grouped[f"{name}#n"].sum()
+        elif fn == "count_distinct":
+            values = frame[keys + [f"{name}#distinct"]].explode(f"{name}#distinct")
+            merged[name] = values.groupby(keys, dropna=False, sort=False)[f"{name}#distinct"].nunique()
+        elif fn == "sum":
+            merged[name] = grouped[f"{name}#sum"].sum(min_count=1)
+        else:
+            merged[name] = getattr(grouped[f"{name}#{fn}"], fn)()
+    result = pd.DataFrame(merged).reset_index()
+    if not by:
+        result = result.drop(columns="__all__")
+    return pa.Table.from_pandas(result, preserve_index=False)
 
 
 def _arrow_map(ds: ray.data.Dataset, fn: Callable, **kwargs) -> ray.data.Dataset:

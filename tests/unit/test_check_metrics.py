@@ -70,3 +70,33 @@ def test_clean_data_passes():
     frame = frame[frame["email"].str.contains("@")]
     results = run(frame)
     assert all(r["passed"] for r in results), [r for r in results if not r["passed"]]
+
+
+def test_two_phase_aggregate_matches_pandas():
+    from airflow_provider_raydata.runtime.transforms import merge_partials, partial_aggregate
+
+    frame = planted_defects()
+    aggs = [
+        ("total", "sum", "price"),
+        ("n", "count", None),
+        ("avg", "mean", "price"),
+        ("kinds", "count_distinct", "kind"),
+        ("low", "min", "price"),
+        ("high", "max", "price"),
+    ]
+    table = pa.Table.from_pandas(frame.assign(bucket=frame["id"] % 4), preserve_index=False)
+    partials = pa.concat_tables([partial_aggregate(table.slice(i, 50), ["bucket"], aggs) for i in range(0, 200, 50)])
+    got = merge_partials(partials, ["bucket"], aggs).to_pandas().set_index("bucket").sort_index()
+    expected = (
+        frame.assign(bucket=frame["id"] % 4)
+        .groupby("bucket")
+        .agg(
+            total=("price", "sum"),
+            n=("id", "size"),
+            avg=("price", "mean"),
+            kinds=("kind", "nunique"),
+            low=("price", "min"),
+            high=("price", "max"),
+        )
+    )
+    pd.testing.assert_frame_equal(got, expected, check_dtype=False, check_names=False)
