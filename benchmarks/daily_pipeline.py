@@ -279,7 +279,15 @@ def run_operators(source: Path, work: Path) -> dict:
     return {"wall_seconds": round(total, 2), "stages": stages, "rows_out": stages["transform"]["rows_out"]}
 
 
+def operators_only(source: str, work: str) -> None:
+    result = run_operators(Path(source), Path(work))
+    result["airflow_side_peak_rss_mb"] = round(peak_rss_mb(), 1)
+    print(json.dumps(result))
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--operators-only"]:
+        return operators_only(sys.argv[2], sys.argv[3])
     parser = argparse.ArgumentParser()
     parser.add_argument("--scale", type=float, nargs="+", default=[1.0, 0.1])
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "daily_pipeline.json"))
@@ -295,10 +303,18 @@ def main() -> None:
             work = Path(tempfile.mkdtemp(prefix=f"bench-sf{scale:g}-"))
             lineitem_rows = pq_rows(source / "lineitem.parquet")
             run = {"lineitem_rows": lineitem_rows}
-            rss_before = peak_rss_mb()
-            run["operators"] = run_operators(source, work)
-            run["operators"]["airflow_side_peak_rss_mb"] = round(peak_rss_mb(), 1)
-            run["operators"]["airflow_side_rss_before_mb"] = round(rss_before, 1)
+            # The operators run in a fresh process per scale factor, as an Airflow task would:
+            # its peak RSS is the Airflow side's memory for that input size.
+            child = subprocess.run(
+                [sys.executable, __file__, "--operators-only", str(source), str(work)],
+                capture_output=True,
+                text=True,
+                env=os.environ,
+                check=False,
+            )
+            if child.returncode != 0:
+                raise RuntimeError(child.stderr[-3000:])
+            run["operators"] = json.loads(child.stdout.strip().splitlines()[-1])
             for tuned in (False, True):
                 key = "handwritten_tuned" if tuned else "handwritten_default"
                 run[key] = run_handwritten(head, source, work, tuned)
