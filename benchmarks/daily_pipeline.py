@@ -126,12 +126,22 @@ def handwritten(source: str, output: str, tuned: bool) -> dict:
             Count(alias_name="lines"),
         )
     else:  # the techniques the runtime uses: broadcast joins, two-phase pyarrow aggregation
-        from airflow_provider_raydata.runtime.transforms import broadcast_join, merge_partials, partial_aggregate
+        from airflow_provider_raydata.runtime.transforms import (
+            broadcast_join,
+            broadcast_join_batch_rows,
+            merge_partials,
+            partial_aggregate,
+        )
+
+        # Sized as the provider does (about one batch per CPU); one year is about 1/7 of lineitem.
+        batch_rows = broadcast_join_batch_rows(pq_rows(f"{source}/lineitem.parquet") // 7)
 
         for left, right, name in keys:
             table = ray.put(pa.concat_tables(ray.get(dims[name].to_arrow_refs())))
             options = {"right": table, "on": [left], "right_on": [right], "how": "inner", "suffix": None}
-            joined = joined.map_batches(broadcast_join, batch_format="pyarrow", batch_size=None, fn_kwargs=options)
+            joined = joined.map_batches(
+                broadcast_join, batch_format="pyarrow", batch_size=batch_rows, fn_kwargs=options
+            )
         aggs = [("revenue", "sum", "revenue"), ("orders", "count_distinct", "l_orderkey"), ("lines", "count", None)]
         partials = joined.map_batches(
             partial_aggregate, batch_format="pyarrow", batch_size=None, fn_kwargs={"by": by, "aggs": aggs}

@@ -71,7 +71,7 @@ def run_stage(spec: dict[str, Any], cancelled: Callable[[], bool] = lambda: Fals
         rows_in = input_meta.get("num_rows")
         result["input"] = input_meta
     if stage == "transform":
-        ds = apply_steps(ds, spec["steps"], storage)
+        ds = apply_steps(ds, spec["steps"], storage, rows_hint=rows_in)
     elif stage == "quality":
         result["report"] = run_checks(ds, spec["checks"])
         result["ref"] = input_meta

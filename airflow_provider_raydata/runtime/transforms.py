@@ -56,17 +56,20 @@ def resolve_callable(fn: Callable | str) -> Callable:
     return target
 
 
-def apply_steps(ds: ray.data.Dataset, steps: list[dict], storage: dict | None) -> ray.data.Dataset:
+def apply_steps(
+    ds: ray.data.Dataset, steps: list[dict], storage: dict | None, rows_hint: int | None = None
+) -> ray.data.Dataset:
+    """``rows_hint``: the input's row count, used to size the batches of broadcast joins."""
     validate_steps(steps)
     schema = ds.schema()
     columns: list[str] | None = schema.names if schema is not None else None  # unknown after map_batches
     for index, step in enumerate(steps, 1):
         where = f"step {index} ({step['op']})"
-        ds, columns = APPLY[step["op"]](ds, step, columns, where, storage)
+        ds, columns = APPLY[step["op"]](ds, step, columns, where, storage, rows_hint)
     return ds
 
 
-def _map_batches(ds, step, columns, where, storage):
+def _map_batches(ds, step, columns, where, storage, rows_hint=None):
     options = {k: step[k] for k in MAP_BATCHES_OPTIONS if step.get(k) is not None}
     options.setdefault("batch_format", "pandas")
     fn = resolve_callable(step["fn"])
@@ -75,13 +78,13 @@ def _map_batches(ds, step, columns, where, storage):
     return ds.map_batches(fn, **options), None
 
 
-def _select(ds, step, columns, where, storage):
+def _select(ds, step, columns, where, storage, rows_hint=None):
     if columns is not None:
         check_columns(step["columns"], columns, where)
     return ds.select_columns(list(step["columns"])), list(step["columns"])
 
 
-def _rename(ds, step, columns, where, storage):
+def _rename(ds, step, columns, where, storage, rows_hint=None):
     mapping = step["columns"]
     if columns is not None:
         check_columns(mapping, columns, where)
@@ -89,13 +92,13 @@ def _rename(ds, step, columns, where, storage):
     return ds.rename_columns(mapping), columns
 
 
-def _cast(ds, step, columns, where, storage):
+def _cast(ds, step, columns, where, storage, rows_hint=None):
     if columns is not None:
         check_columns(step["columns"], columns, where)
     return _arrow_map(ds, cast_columns, casts=step["columns"]), columns
 
 
-def _filter(ds, step, columns, where, storage):
+def _filter(ds, step, columns, where, storage, rows_hint=None):
     return _arrow_map(ds, filter_batch, expr=step["expr"], where=where), columns
 
 
@@ -106,7 +109,7 @@ def filter_batch(table: pa.Table, expr: str, where: str) -> pa.Table:
         raise ValueError(f"{where}: {exc}") from None
 
 
-def _drop_duplicates(ds, step, columns, where, storage):
+def _drop_duplicates(ds, step, columns, where, storage, rows_hint=None):
     keys, order_by = list(step["keys"]), step.get("order_by")
     if columns is not None:
         check_columns(keys + ([order_by] if order_by else []), columns, where)
@@ -124,7 +127,7 @@ def keep_one_row(group: pa.Table, order_by: str | None, keep: str | None) -> pa.
     return group.slice(group.num_rows - 1 if keep == "last" else 0, 1)
 
 
-def _join(ds, step, columns, where, storage):
+def _join(ds, step, columns, where, storage, rows_hint=None):
     right, meta = read_ref(step["right"], storage)
     on = list(step["on"])
     right_on = list(step.get("right_on") or on)
@@ -146,14 +149,13 @@ def _join(ds, step, columns, where, storage):
         if how not in ARROW_JOIN_TYPES:
             raise ValueError(f"{where}: a broadcast join supports only inner and left joins, not {how!r}")
         table = pa.concat_tables(ray.get(right.to_arrow_refs()))
-        return _arrow_map(
-            ds,
+        options = {"right": ray.put(table), "on": on, "right_on": right_on, "how": ARROW_JOIN_TYPES[how]}
+        return ds.map_batches(
             broadcast_join,
-            right=ray.put(table),
-            on=on,
-            right_on=right_on,
-            how=ARROW_JOIN_TYPES[how],
-            suffix=suffix,
+            batch_format="pyarrow",
+            batch_size=broadcast_join_batch_rows(rows_hint),
+            zero_copy_batch=True,
+            fn_kwargs={**options, "suffix": suffix},
         ), out_columns
     partitions = step.get("num_partitions") or max(2, int(ray.cluster_resources().get("CPU", 2)))
     joined = ds.join(
@@ -167,12 +169,21 @@ def _join(ds, step, columns, where, storage):
     return joined, out_columns
 
 
+def broadcast_join_batch_rows(rows_hint: int | None) -> int | None:
+    """Rows per batch for a broadcast join: each batch rebuilds the hash table of the right side
+    (2 s for 1.5M TPC-H orders here), so use about one batch per CPU, within memory-safe bounds."""
+    if not rows_hint:
+        return None
+    cpus = max(int(ray.cluster_resources().get("CPU", 1)), 1)
+    return min(max(math.ceil(rows_hint / cpus), 65_536), 2_000_000)
+
+
 def broadcast_join(table: pa.Table, right, on, right_on, how, suffix) -> pa.Table:
     right_table = right if isinstance(right, pa.Table) else ray.get(right)
     return table.join(right_table, keys=on, right_keys=right_on, join_type=how, right_suffix=suffix, coalesce_keys=True)
 
 
-def _aggregate(ds, step, columns, where, storage):
+def _aggregate(ds, step, columns, where, storage, rows_hint=None):
     by = list(step.get("by") or [])
     aggs = []
     for name, spec in step["aggs"].items():
