@@ -1,9 +1,9 @@
 """``run_stage(spec)``: one stage's Ray Data pipeline, run on the cluster.
 
-The spec is plain data (see ``StageSpec`` in the operators); the result is a small dict:
-a dataset reference and metrics, never rows. The Airflow side calls ``run_stage_remote``
-through the Ray Client; ``python -m airflow_provider_raydata.runtime.runner SPEC.json`` runs
-the same function as a Ray job entrypoint.
+The spec is plain data built by the operators; the result is a small dict: a dataset
+reference and metrics, never rows. The Airflow side calls it through the Ray Client on the
+cluster's ``StageExecutor`` (``runtime.executor``); ``python -m
+airflow_provider_raydata.runtime.runner SPEC.json`` runs the same function as a job entrypoint.
 """
 
 from __future__ import annotations
@@ -112,11 +112,6 @@ def write_output(
         if exists(fs, path):
             fs.delete_dir(path)
         raise
-
-
-# num_cpus=0: the stage driver only plans and coordinates; Ray Data's own tasks use the CPUs.
-# max_retries=0: Airflow owns retries of a stage (its outputs are committed atomically).
-run_stage_remote = ray.remote(num_cpus=0, max_retries=0)(run_stage)
 
 
 if __name__ == "__main__":  # Ray Jobs entrypoint: python -m ...runtime.runner spec.json
