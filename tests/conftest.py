@@ -40,9 +40,9 @@ def unavailable(reason: str):
     pytest.skip(reason)
 
 
-@pytest.fixture(scope="session")
-def ray_head(tmp_path_factory):
-    head = RayHead(Path(tempfile.mkdtemp(prefix="rayh-")))  # short: Ray's socket paths are length-limited
+def running_head(env: dict[str, str] | None = None):
+    """A started Ray head for a fixture to yield; stopped and removed afterwards."""
+    head = RayHead(Path(tempfile.mkdtemp(prefix="rayh-")), env=env)  # short: socket paths are length-limited
     try:
         head.start()
     except ServiceUnavailable as exc:
@@ -50,6 +50,11 @@ def ray_head(tmp_path_factory):
     yield head
     head.stop()
     shutil.rmtree(head.temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_head():
+    yield from running_head()
 
 
 @pytest.fixture(scope="session")

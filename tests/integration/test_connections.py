@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import tempfile
 import time
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -13,9 +11,8 @@ import pytest
 from airflow.sdk.exceptions import AirflowException
 
 from airflow_provider_raydata.operators import RayDataExtractOperator
-from tests.conftest import unavailable
+from tests.conftest import running_head
 from tests.helpers import run_operator
-from tests.services import RayHead, ServiceUnavailable
 
 pytestmark = pytest.mark.integration
 TOKEN = "planted-token-7c1b5d0e2f3a4b6c8d9e0f1a2b3c4d5e"
@@ -23,13 +20,7 @@ TOKEN = "planted-token-7c1b5d0e2f3a4b6c8d9e0f1a2b3c4d5e"
 
 @pytest.fixture(scope="module")
 def token_head():
-    head = RayHead(Path(tempfile.mkdtemp(prefix="rayt-")), env={"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN})
-    try:
-        head.start()
-    except ServiceUnavailable as exc:
-        unavailable(str(exc))
-    yield head
-    head.stop()
+    yield from running_head({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN})
 
 
 @pytest.fixture
