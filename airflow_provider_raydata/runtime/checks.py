@@ -24,8 +24,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray.data
 
-from airflow_provider_raydata.runtime.specs import check_name, validate_checks
-from airflow_provider_raydata.runtime.types import check_columns
+from .specs import check_name, validate_checks
+from .types import check_columns
 
 MAX_EXAMPLES = 5
 

@@ -22,7 +22,7 @@ class StageExecutor:
         self.cancelled: set[str] = set()
 
     def run(self, spec: dict[str, Any]) -> dict[str, Any]:
-        from airflow_provider_raydata.runtime.runner import run_stage
+        from .runner import run_stage
 
         stage_id = spec.get("stage_id", "")
         try:

@@ -17,7 +17,7 @@ from typing import Any
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from airflow_provider_raydata.runtime.storage import exists, filesystem_for, join_uri
+from .storage import exists, filesystem_for, join_uri
 
 SUCCESS = "_SUCCESS"
 ATTEMPT_PREFIX = "attempt-"  # no "=": readers would take it for a hive partition

@@ -21,12 +21,12 @@ import ray
 import ray.data
 from ray.data.context import DataContext, ShuffleStrategy
 
-from airflow_provider_raydata.runtime import refs
-from airflow_provider_raydata.runtime.checks import run_checks
-from airflow_provider_raydata.runtime.sinks import write_destination
-from airflow_provider_raydata.runtime.sources import read_ref, read_source
-from airflow_provider_raydata.runtime.storage import exists, filesystem_for
-from airflow_provider_raydata.runtime.transforms import apply_steps
+from . import refs
+from .checks import run_checks
+from .sinks import write_destination
+from .sources import read_ref, read_source
+from .storage import exists, filesystem_for
+from .transforms import apply_steps
 
 DEFAULT_TUNING = {
     # Each read_parquet otherwise starts 32 footer-reading actors: seconds of fixed cost per read.

@@ -13,7 +13,7 @@ import time
 
 import ray
 
-from airflow_provider_raydata.runtime.executor import StageExecutor
+from .executor import StageExecutor
 
 
 def main(name: str, namespace: str) -> None:

@@ -20,8 +20,8 @@ import pyarrow.fs as pafs
 import ray.data
 from ray.data.datasource import FilenameProvider
 
-from airflow_provider_raydata.runtime.refs import describe_files
-from airflow_provider_raydata.runtime.storage import exists, filesystem_for, join_uri
+from .refs import describe_files
+from .storage import exists, filesystem_for, join_uri
 
 LAKE_MODES = ("append", "overwrite", "overwrite_partitions")
 STAGING_DIR = "_staging"

@@ -15,10 +15,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray.data
 
-from airflow_provider_raydata.runtime import refs
-from airflow_provider_raydata.runtime.expressions import columns_in, compile_expression
-from airflow_provider_raydata.runtime.storage import expand, filesystem_for
-from airflow_provider_raydata.runtime.types import cast_columns, check_columns
+from . import refs
+from .expressions import columns_in, compile_expression
+from .storage import expand, filesystem_for
+from .types import cast_columns, check_columns
 
 FORMATS: dict[str, tuple[Callable[..., ray.data.Dataset], tuple[str, ...]]] = {
     "parquet": (ray.data.read_parquet, (".parquet",)),

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from airflow_provider_raydata.runtime.types import arrow_type
+from .types import arrow_type
 
 AGGREGATE_NAMES = ("sum", "count", "mean", "min", "max", "count_distinct")
 JOIN_TYPES = {"inner": "inner", "left": "left_outer", "outer": "full_outer"}

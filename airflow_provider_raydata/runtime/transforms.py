@@ -21,16 +21,16 @@ import ray
 import ray.data
 from ray.data.aggregate import Count, CountDistinct, Max, Mean, Min, Sum
 
-from airflow_provider_raydata.runtime.expressions import compile_expression
-from airflow_provider_raydata.runtime.sources import read_ref
-from airflow_provider_raydata.runtime.specs import (
+from .expressions import compile_expression
+from .sources import read_ref
+from .specs import (
     ARROW_JOIN_TYPES,
     BROADCAST_JOIN_MAX_BYTES,
     JOIN_TYPES,
     MAP_BATCHES_OPTIONS,
     validate_steps,
 )
-from airflow_provider_raydata.runtime.types import cast_columns, check_columns
+from .types import cast_columns, check_columns
 
 AGGREGATES = {
     "sum": Sum,

@@ -40,3 +40,18 @@ def test_an_attempt_without_marker_is_never_read(tmp_path):
         refs.resolve(str(tmp_path / "missing"), None)
     with pytest.raises(ValueError, match="Not a dataset reference"):
         refs.resolve({"path": uri}, None)
+
+
+def test_the_runtime_imports_without_airflow():
+    """The cluster may not have Airflow: block it and import every runtime module."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['airflow'] = None\n"
+        "import importlib, pkgutil, airflow_provider_raydata.runtime as rt\n"
+        "for m in pkgutil.iter_modules(rt.__path__): importlib.import_module(f'{rt.__name__}.{m.name}')\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "ok", result.stderr[-2000:]
