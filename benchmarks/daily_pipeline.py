@@ -32,6 +32,11 @@ from tests.services import BIN, RayHead  # noqa: E402
 
 YEAR = ("1995-01-01", "1996-01-01")
 MONEY = {"l_extendedprice": "float64", "l_discount": "float64", "l_tax": "float64", "l_quantity": "float64"}
+DIMENSIONS = {
+    "orders": ["o_orderkey", "o_custkey"],
+    "customer": ["c_custkey", "c_nationkey", "c_mktsegment"],
+    "nation": ["n_nationkey", "n_name"],
+}
 SEGMENTS = ["AUTOMOBILE", "BUILDING", "FURNITURE", "HOUSEHOLD", "MACHINERY"]
 
 
@@ -103,13 +108,11 @@ def handwritten(source: str, output: str, tuned: bool) -> dict:
     lines = ray.data.read_parquet(f"{source}/lineitem.parquet", columns=cols)
     lines = lines.map_batches(prepare, batch_format="pyarrow", batch_size=None).map_batches(net_revenue)
     dims = {
-        "orders": ray.data.read_parquet(f"{source}/orders.parquet", columns=["o_orderkey", "o_custkey"]),
-        "customer": ray.data.read_parquet(
-            f"{source}/customer.parquet", columns=["c_custkey", "c_nationkey", "c_mktsegment"]
-        ),
-        "nation": ray.data.read_parquet(f"{source}/nation.parquet", columns=["n_nationkey", "n_name"]),
+        table: ray.data.read_parquet(f"{source}/{table}.parquet", columns=columns).map_batches(
+            strings, batch_format="pyarrow", batch_size=None
+        )
+        for table, columns in DIMENSIONS.items()
     }
-    dims = {k: v.map_batches(strings, batch_format="pyarrow", batch_size=None) for k, v in dims.items()}
     keys = [
         ("l_orderkey", "o_orderkey", "orders"),
         ("o_custkey", "c_custkey", "customer"),
@@ -217,29 +220,13 @@ def run_operators(source: Path, work: Path) -> dict:
             cast=MONEY,
         )
     )
-    orders = timed(
-        RayDataExtractOperator(
-            task_id="extract_orders",
-            source=f"{source}/orders.parquet",
-            staging_uri=staging,
-            columns=["o_orderkey", "o_custkey"],
+    orders, customer, nation = (
+        timed(
+            RayDataExtractOperator(
+                task_id=f"extract_{table}", source=f"{source}/{table}.parquet", staging_uri=staging, columns=columns
+            )
         )
-    )
-    customer = timed(
-        RayDataExtractOperator(
-            task_id="extract_customer",
-            source=f"{source}/customer.parquet",
-            staging_uri=staging,
-            columns=["c_custkey", "c_nationkey", "c_mktsegment"],
-        )
-    )
-    nation = timed(
-        RayDataExtractOperator(
-            task_id="extract_nation",
-            source=f"{source}/nation.parquet",
-            staging_uri=staging,
-            columns=["n_nationkey", "n_name"],
-        )
+        for table, columns in DIMENSIONS.items()
     )
     revenue = timed(
         RayDataTransformOperator(

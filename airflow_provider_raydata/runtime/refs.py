@@ -36,13 +36,16 @@ def new_attempt_uri(prefix: str, try_number: int) -> str:
     return join_uri(prefix, f"{ATTEMPT_PREFIX}{try_number}-{uuid.uuid4().hex[:8]}")
 
 
+def data_files(fs: pafs.FileSystem, path: str) -> list[pafs.FileInfo]:
+    """The Parquet files of a dataset directory, in path order."""
+    selector = pafs.FileSelector(path, recursive=True, allow_not_found=True)
+    files = [f for f in fs.get_file_info(selector) if f.type == pafs.FileType.File and f.path.endswith(".parquet")]
+    return sorted(files, key=lambda f: f.path)
+
+
 def describe_files(fs: pafs.FileSystem, path: str) -> dict[str, Any]:
     """Row count, schema, size and file count of a Parquet directory, from the file footers."""
-    selector = pafs.FileSelector(path, recursive=True, allow_not_found=True)
-    files = sorted(
-        (f for f in fs.get_file_info(selector) if f.type == pafs.FileType.File and f.path.endswith(".parquet")),
-        key=lambda f: f.path,
-    )
+    files = data_files(fs, path)
     num_rows, schema = 0, None
     for f in files:
         with fs.open_input_file(f.path) as handle:

@@ -99,7 +99,7 @@ def write_output(
     fs, path = filesystem_for(attempt, storage)
     try:
         ds.write_parquet(path, filesystem=fs, min_rows_per_file=min_rows_per_file)
-        if refs.describe_files(fs, path)["num_files"] == 0:  # keep the schema of an empty result
+        if not refs.data_files(fs, path):  # keep the schema of an empty result
             schema = ds.schema()
             empty = schema.base_schema if schema is not None else pa.schema([])
             fs.create_dir(path, recursive=True)
