@@ -31,7 +31,7 @@ os.environ.update(
 )
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from tests.services import BIN, RayHead, ServiceUnavailable, free_port, wait_for_port  # noqa: E402
+from tests.services import BIN, PostgresServer, RayHead, ServiceUnavailable, free_port, wait_for_port  # noqa: E402
 
 
 def unavailable(reason: str):
@@ -83,6 +83,37 @@ def s3_server():
     client.create_bucket(Bucket="lake")
     yield {"options": options, "client": client}
     proc.kill()
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A real PostgreSQL server started for the session (password auth on loopback)."""
+    server = PostgresServer(Path(tempfile.mkdtemp(prefix="raydata-pg-")) / "data")
+    try:
+        server.start()
+    except ServiceUnavailable as exc:
+        unavailable(str(exc))
+    yield server
+    server.stop()
+    shutil.rmtree(server.data_dir.parent, ignore_errors=True)
+
+
+@pytest.fixture
+def pg(postgres_server, monkeypatch):
+    """A fresh database for one test, reachable as the Airflow connection ``pg_test``."""
+    import json
+    import uuid
+    from types import SimpleNamespace
+
+    import psycopg
+
+    name = f"t_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(**postgres_server.params, autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {name}")
+    params = {**postgres_server.params, "dbname": name}
+    monkeypatch.setenv("AIRFLOW_CONN_PG_TEST", json.dumps({**postgres_server.connection(), "schema": name}))
+    with psycopg.connect(**params, autocommit=True) as conn:
+        yield SimpleNamespace(conn=conn, params=params, conn_id="pg_test", dbname=name)
 
 
 @pytest.fixture(scope="session")

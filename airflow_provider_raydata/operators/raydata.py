@@ -15,8 +15,14 @@ from airflow.sdk import BaseOperator, BaseOperatorLink
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from airflow_provider_raydata.hooks.ray import RayHook
+from airflow_provider_raydata.hooks.warehouses import (
+    aws_storage_options,
+    gcs_storage_options,
+    publish_postgres,
+    resolve_connection,
+)
 from airflow_provider_raydata.runtime.refs import task_prefix
-from airflow_provider_raydata.runtime.specs import validate_checks, validate_steps
+from airflow_provider_raydata.runtime.specs import validate_checks, validate_destination, validate_steps
 
 DatasetRefLike = dict[str, Any] | str
 DASHBOARD_XCOM_KEY = "ray_dashboard_url"
@@ -40,8 +46,11 @@ class RayDataBaseOperator(BaseOperator):
         the stage runs on an embedded local Ray.
     :param staging_uri: where stage outputs are committed (templated). Defaults to the
         connection's ``staging_uri``, then (embedded Ray only) ``$AIRFLOW_HOME/raydata/staging``.
-    :param storage_options: S3 settings for s3:// URIs (``endpoint_url``, ``region_name``,
-        ``aws_access_key_id``, ...), merged over the connection's ``storage_options``.
+    :param aws_conn_id: an Airflow ``aws`` connection for s3:// paths (credentials, region and
+        ``endpoint_url`` for S3-compatible stores such as MinIO).
+    :param gcp_conn_id: a ``google_cloud_platform`` connection for gs:// paths.
+    :param storage_options: explicit S3 settings (``endpoint_url``, ``region_name``, ...), merged
+        over the raydata connection's ``storage_options`` and the aws/gcp connections.
     :param tuning: overrides of the runtime's Ray Data settings (see ``runtime.runner``).
     :param stage_timeout: seconds before the remote stage is cancelled and the task fails.
     """
@@ -58,6 +67,8 @@ class RayDataBaseOperator(BaseOperator):
         raydata_conn_id: str | None = RayHook.default_conn_name,
         staging_uri: str | None = None,
         storage_options: dict[str, Any] | None = None,
+        aws_conn_id: str | None = None,
+        gcp_conn_id: str | None = None,
         tuning: dict[str, Any] | None = None,
         connect_timeout: float | None = None,
         stage_timeout: float | None = None,
@@ -67,6 +78,8 @@ class RayDataBaseOperator(BaseOperator):
         self.raydata_conn_id = raydata_conn_id
         self.staging_uri = staging_uri
         self.storage_options = storage_options
+        self.aws_conn_id = aws_conn_id
+        self.gcp_conn_id = gcp_conn_id
         self.tuning = tuning
         self.connect_timeout = connect_timeout
         self.stage_timeout = stage_timeout
@@ -90,7 +103,7 @@ class RayDataBaseOperator(BaseOperator):
             "stage": self.stage,
             "name": f"{ti.dag_id}.{ti.task_id}",
             **self.stage_spec(context),
-            "storage": {**self.hook.settings.storage_options, **(self.storage_options or {})},
+            "storage": self.storage(),
             "tuning": self.tuning,
             "produced_by": identity,
         }
@@ -115,6 +128,15 @@ class RayDataBaseOperator(BaseOperator):
         if "ref" in result:
             self.log.info("Committed %s", result["ref"]["uri"])
         return result.get("ref")
+
+    def storage(self) -> dict[str, Any]:
+        """Object-store settings for the stage: raydata connection < aws/gcp connections < explicit."""
+        options = dict(self.hook.settings.storage_options)
+        if self.aws_conn_id:
+            options.update(aws_storage_options(self.aws_conn_id))
+        if self.gcp_conn_id:
+            options.update(gcs_storage_options(self.gcp_conn_id))
+        return {**options, **(self.storage_options or {})}
 
     def on_kill(self) -> None:
         self.hook.cancel()
@@ -145,8 +167,11 @@ class RayDataBaseOperator(BaseOperator):
 class RayDataExtractOperator(RayDataBaseOperator):
     """Read a source into a committed Parquet dataset on the cluster; return its reference.
 
-    :param source: a path, glob or list of them (local or s3://), or a source spec dict
-        such as ``{"kind": "files", "path": ..., "format": "csv"}`` (templated).
+    :param source: a path, glob or list of them (local, s3:// or gs://), or a source spec dict
+        (templated): ``{"kind": "files", "path": ..., "format": "csv"}``, or
+        ``{"kind": "postgres", "postgres_conn_id": ..., "query": "... WHERE day = %(day)s",
+        "parameters": {"day": "{{ ds }}"}, "shard_key": "id"}`` (or ``"table": "schema.name"``).
+        Query values are always bound parameters, never formatted into the SQL text.
     :param format: ``parquet``, ``csv`` or ``json`` (default: from the file extension).
     :param columns: columns to keep. :param filter: a row filter such as ``"qty > 0"``.
     :param cast: ``{"column": "arrow type"}`` applied after reading.
@@ -179,7 +204,7 @@ class RayDataExtractOperator(RayDataBaseOperator):
         source = dict(self.source) if isinstance(self.source, dict) else {"kind": "files", "path": self.source}
         options = {"format": self.format, "columns": self.columns, "filter": self.filter, "cast": self.cast}
         source.update({k: v for k, v in options.items() if v is not None})
-        return {"source": source}
+        return {"source": resolve_connection(source)}
 
 
 class RayDataTransformOperator(RayDataBaseOperator):
@@ -273,12 +298,20 @@ class RayDataQualityOperator(RayDataBaseOperator):
 
 
 class RayDataLoadOperator(RayDataBaseOperator):
-    """Publish a dataset to its destination. A rerun for the same run replaces, never duplicates.
+    """Publish a dataset to its destination. A retry or rerun of the same run never duplicates.
 
-    :param destination: a lake directory (local or s3://) or a destination spec dict.
-    :param partition_by: partition columns (e.g. a date column) for a lake destination.
-    :param mode: ``append``, ``overwrite`` or ``overwrite_partitions`` (replace only the
-        partitions this load writes).
+    :param destination: a lake directory (local, s3:// or gs://) or a destination dict:
+        ``{"kind": "parquet", "path": ...}`` or ``{"kind": "postgres", "postgres_conn_id": ...,
+        "table": "schema.table"}`` (optional there: ``sequence_by`` to keep the latest row per key
+        in an upsert, ``delete_column`` naming a boolean column whose true rows are deleted).
+    :param mode: lake: ``append``, ``overwrite``, ``overwrite_partitions``. PostgreSQL:
+        ``append``, ``overwrite``, ``replace_partition`` (delete the rows whose ``partition_by``
+        values are in this load, then insert), ``upsert`` (on ``keys``).
+    :param partition_by: partition columns (e.g. a date column).
+    :param keys: key columns for ``upsert``.
+
+    PostgreSQL loads COPY in parallel into a staging table on the cluster, then this task
+    publishes them in one transaction: a failed or killed load leaves the table as it was.
     """
 
     stage = "load"
@@ -289,41 +322,56 @@ class RayDataLoadOperator(RayDataBaseOperator):
         *,
         input: DatasetRefLike,
         destination: str | dict[str, Any],
-        partition_by: list[str] | None = None,
         mode: str = "append",
+        partition_by: list[str] | None = None,
+        keys: list[str] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.input = input
         self.destination = destination
-        self.partition_by = partition_by
         self.mode = mode
-        if mode not in ("append", "overwrite", "overwrite_partitions"):
-            raise ValueError(f"{self.task_id}: unknown mode {mode!r}; use append, overwrite or overwrite_partitions")
-        if mode == "overwrite_partitions" and not partition_by and not isinstance(destination, dict):
-            raise ValueError(f"{self.task_id}: mode 'overwrite_partitions' needs partition_by")
+        self.partition_by = partition_by
+        self.keys = keys
+        try:
+            validate_destination(self.destination_spec())
+        except ValueError as exc:
+            raise ValueError(f"{self.task_id}: {exc}") from None
 
-    def stage_spec(self, context) -> dict[str, Any]:
-        ti = context["ti"]
+    def destination_spec(self) -> dict[str, Any]:
         if isinstance(self.destination, dict):
             destination = dict(self.destination)
         else:
             destination = {"kind": "parquet", "path": self.destination}
         destination.setdefault("mode", self.mode)
-        if self.partition_by:
-            destination.setdefault("partition_by", self.partition_by)
+        for key, value in (("partition_by", self.partition_by), ("keys", self.keys)):
+            if value:
+                destination.setdefault(key, value)
+        return destination
+
+    def stage_spec(self, context) -> dict[str, Any]:
+        ti = context["ti"]
         # One id per (DAG run, task): the sink replaces what an earlier try of this load wrote.
         load_id = hashlib.sha1(f"{ti.dag_id}\n{ti.run_id}\n{ti.task_id}".encode()).hexdigest()[:16]
+        destination = resolve_connection(self.destination_spec())
         return {"input": self.resolve_input(self.input), "destination": destination, "load_id": load_id}
 
     def handle_result(self, context, result: dict[str, Any]) -> Any:
         load = result["load"]
+        if load.get("kind") == "postgres":  # staged on the cluster: publish in one transaction here
+            conn_id = self.destination_spec().get("postgres_conn_id") or "postgres_default"
+            load = publish_postgres(conn_id, load)
+            if load["skipped"]:
+                self.log.warning(
+                    "This run's append to %s was already published by an earlier try: nothing appended twice",
+                    load["destination"],
+                )
         self.log.info(
             "Loaded %s rows into %s (%s; partitions: %s)",
             load["rows_written"],
             load["destination"],
             load["mode"],
-            ", ".join(load["partitions"]) or "-",
+            ", ".join(load.get("partitions") or []) or "-",
         )
         return load
 

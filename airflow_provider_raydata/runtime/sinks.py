@@ -104,4 +104,10 @@ def _delete_data(fs: pafs.FileSystem, path: str, match: Callable[[str], bool], r
             fs.delete_file(info.path)
 
 
-WRITERS: dict[str, Callable[..., dict[str, Any]]] = {"parquet": write_lake}
+def stage_postgres(ds: ray.data.Dataset, destination: dict, storage: dict | None, load_id: str) -> dict:
+    from .postgres import stage_load  # psycopg is an optional extra
+
+    return stage_load(ds, destination, load_id)
+
+
+WRITERS: dict[str, Callable[..., dict[str, Any]]] = {"parquet": write_lake, "postgres": stage_postgres}

@@ -31,7 +31,13 @@ def read_source(source: dict[str, Any], storage: dict | None) -> ray.data.Datase
     kind = source.get("kind", "files")
     if kind not in READERS:
         raise ValueError(f"Unknown source kind {kind!r}; known kinds: {', '.join(READERS)}")
-    return READERS[kind](source, storage)
+    ds = READERS[kind](source, storage)
+    if kind == "files":
+        return ds
+    shape = {"casts": source.get("cast") or {}, "row_filter": source.get("filter"), "columns": source.get("columns")}
+    if not any(shape.values()):
+        return ds
+    return ds.map_batches(shape_batch, batch_format="pyarrow", batch_size=None, zero_copy_batch=True, fn_kwargs=shape)
 
 
 def read_files(source: dict[str, Any], storage: dict | None) -> ray.data.Dataset:
@@ -87,4 +93,13 @@ def _infer_format(path: str) -> str:
     return "parquet"
 
 
-READERS: dict[str, Callable[[dict[str, Any], dict | None], ray.data.Dataset]] = {"files": read_files}
+def read_postgres(source: dict[str, Any], storage: dict | None) -> ray.data.Dataset:
+    from .postgres import read_postgres as read  # psycopg is an optional extra
+
+    return read(source, storage)
+
+
+READERS: dict[str, Callable[[dict[str, Any], dict | None], ray.data.Dataset]] = {
+    "files": read_files,
+    "postgres": read_postgres,
+}

@@ -96,3 +96,25 @@ def validate_checks(checks: list[dict[str, Any]]) -> None:
             raise ValueError(f"Check {index} ({kind}): {problem}")
         if kind in ("row_count", "range") and "min" not in check and "max" not in check:
             raise ValueError(f"Check {index} ({kind}) needs 'min', 'max' or both")
+
+
+DESTINATION_MODES = {
+    "parquet": ("append", "overwrite", "overwrite_partitions"),
+    "postgres": ("append", "overwrite", "replace_partition", "upsert"),
+}
+
+
+def validate_destination(destination: dict[str, Any]) -> None:
+    """Check a load destination's kind, mode and the columns the mode needs (no data needed)."""
+    kind, mode = destination.get("kind", "parquet"), destination.get("mode", "append")
+    if kind not in DESTINATION_MODES:
+        raise ValueError(f"Unknown destination kind {kind!r}; known kinds: {', '.join(DESTINATION_MODES)}")
+    modes = DESTINATION_MODES[kind]
+    if mode not in modes:
+        raise ValueError(f"Unknown mode {mode!r} for a {kind} destination; use {', '.join(modes)}")
+    if mode in ("overwrite_partitions", "replace_partition") and not destination.get("partition_by"):
+        raise ValueError(f"mode {mode!r} needs partition_by")
+    if mode == "upsert" and not destination.get("keys"):
+        raise ValueError("mode 'upsert' needs keys (the columns that identify a row)")
+    if kind == "postgres" and not destination.get("table"):
+        raise ValueError("a postgres destination needs 'table' ('schema.table' or 'table')")

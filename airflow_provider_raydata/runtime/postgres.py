@@ -1,0 +1,466 @@
+"""PostgreSQL: parallel reads, and loads that never half-apply.
+
+Read (on the cluster): ``ray.data.read_sql`` sharded on a key column, with bound parameters,
+cast to the Arrow schema that PostgreSQL describes for the query (so every block agrees).
+
+Load, in two steps, each safe to repeat:
+1. ``stage_load`` (on the cluster): create a staging table next to the target, then Ray write
+   tasks COPY their blocks into it in parallel (CSV encoded by pyarrow).
+2. ``publish`` (on the Airflow worker, through PostgresHook): one transaction moves the staged
+   rows into the target by mode and drops the staging table. If the task dies before or
+   during it, PostgreSQL rolls it back and the target is exactly as it was; the retry drops
+   the leftover staging tables of the same load id.
+
+The connection parameters arrive inside the stage spec; nothing here logs or formats them.
+"""
+
+from __future__ import annotations
+
+import io
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+from ray.data.datasource import Datasink
+
+PG_MODES = ("append", "overwrite", "replace_partition", "upsert")
+LEDGER = "_raydata_loads"
+STAGING_PREFIX = "_raydata_"
+COPY_BATCH_ROWS = 65_536
+
+
+def _sql():  # psycopg is an optional extra: import it where it is used
+    from psycopg import sql
+
+    return sql
+
+
+def table_parts(name: str | dict) -> tuple[str, str]:
+    """``"schema.table"``, ``"table"`` or ``{"schema": ..., "table": ...}`` -> (schema, table).
+
+    The parts are always quoted as identifiers (psycopg.sql.Identifier), never pasted into SQL.
+    """
+    if isinstance(name, dict):
+        schema, table = name.get("schema") or "public", name["table"]
+    else:
+        schema, _, table = name.rpartition(".") if "." in name else ("public", "", name)
+    if not table or not schema:
+        raise ValueError(f"Invalid table name {name!r}: use 'schema.table' or 'table'")
+    return schema, table
+
+
+def idents(names: Iterable[str]):
+    """A comma-separated list of quoted identifiers."""
+    sql = _sql()
+    return sql.SQL(", ").join(map(sql.Identifier, names))
+
+
+def connect(params: dict[str, Any]):
+    import psycopg
+
+    return psycopg.connect(**params)
+
+
+# --- reading -----------------------------------------------------------------------------
+
+ARROW_FOR_PG = {
+    "bool": pa.bool_(),
+    "int2": pa.int16(),
+    "int4": pa.int32(),
+    "int8": pa.int64(),
+    "oid": pa.int64(),
+    "float4": pa.float32(),
+    "float8": pa.float64(),
+    "date": pa.date32(),
+    "time": pa.time64("us"),
+    "timestamp": pa.timestamp("us"),
+    "timestamptz": pa.timestamp("us", tz="UTC"),
+    "bytea": pa.binary(),
+}
+
+
+def read_postgres(source: dict[str, Any], storage: dict | None):
+    import ray
+    import ray.data
+
+    query, params = source_query(source)
+    conn_params = source["conn"]
+    schema, text_oids = describe_query(conn_params, query, params)
+    key = source.get("shard_key")
+    kwargs: dict[str, Any] = {"sql_params": params, "override_num_blocks": 1}
+    if key:
+        # Ray's default MD5 shard hash fails on PostgreSQL. The cast to int8 keeps
+        # ABS() from overflowing on hashtext's minimum value; Ray wraps this as HASH_FN(KEYS).
+        ident = _sql().Identifier(key).as_string()
+        kwargs.update(shard_keys=[f"hashtext({ident}::text)::int8"], shard_hash_fn="")
+        kwargs["override_num_blocks"] = int(source.get("num_shards") or max(2, ray.cluster_resources().get("CPU", 2)))
+    ds = ray.data.read_sql(query, _ConnectionFactory(conn_params, text_oids), **kwargs)
+    empty = ray.data.from_arrow(schema.empty_table())  # keeps the schema when no row matches
+    return empty.union(ds.map_batches(_conform, fn_kwargs={"schema": schema}, batch_format="pyarrow", batch_size=None))
+
+
+def source_query(source: dict[str, Any]) -> tuple[str, Any]:
+    """The query text and its bound parameters; a ``table`` becomes a quoted SELECT."""
+    sql = _sql()
+    if bool(source.get("query")) == bool(source.get("table")):
+        raise ValueError("A PostgreSQL source needs exactly one of 'query' or 'table'")
+    if source.get("table"):
+        schema, table = table_parts(source["table"])
+        return sql.SQL("SELECT * FROM {}").format(sql.Identifier(schema, table)).as_string(), None
+    return source["query"], source.get("parameters") or None
+
+
+class _ConnectionFactory:
+    """Picklable connection factory for Ray's read tasks; types without an Arrow twin load as text."""
+
+    def __init__(self, params: dict[str, Any], text_oids: list[int]):
+        self._params = params
+        self.text_oids = text_oids
+
+    def __repr__(self) -> str:  # never show the parameters
+        return "PostgresConnectionFactory()"
+
+    def __call__(self):
+        from psycopg.types.string import TextLoader
+
+        conn = connect(self._params)
+        for oid in self.text_oids:  # numeric included: exact text, cast to decimal afterwards
+            conn.adapters.register_loader(oid, TextLoader)
+        return conn
+
+
+def describe_query(conn_params: dict, query: str, params: Any) -> tuple[pa.Schema, list[int]]:
+    """The Arrow schema of a query's result, from PostgreSQL's own description (no rows read),
+    and the type OIDs to load as text (numeric, and types without an Arrow counterpart)."""
+    from psycopg.postgres import types as pg_types
+
+    with connect(conn_params) as conn, conn.cursor() as cur:
+        cur.execute(f"SELECT * FROM ({query}) AS q LIMIT 0", params)
+        fields, text_oids = [], []
+        for column in cur.description:
+            info = pg_types.get(column.type_code)
+            name = info.name if info else ""
+            if name == "numeric":
+                precision, scale = column.precision, column.scale
+                arrow = pa.decimal128(precision, scale) if precision else pa.decimal128(38, 9)
+            else:
+                arrow = ARROW_FOR_PG.get(name, pa.string())
+            if name not in ARROW_FOR_PG:
+                text_oids.append(column.type_code)
+            fields.append(pa.field(column.name, arrow))
+    return pa.schema(fields), sorted(set(text_oids))
+
+
+def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    return pa.Table.from_arrays([table.column(f.name).cast(f.type) for f in schema], schema=schema)
+
+
+# --- loading: stage on the cluster -------------------------------------------------------
+
+
+def pg_type(field: pa.Field) -> str:
+    t = field.type
+    if pa.types.is_dictionary(t):
+        return pg_type(field.with_type(t.value_type))
+    if pa.types.is_boolean(t):
+        return "boolean"
+    if pa.types.is_int8(t) or pa.types.is_int16(t) or pa.types.is_uint8(t):
+        return "smallint"
+    if pa.types.is_int32(t) or pa.types.is_uint16(t):
+        return "integer"
+    if pa.types.is_int64(t) or pa.types.is_uint32(t):
+        return "bigint"
+    if pa.types.is_uint64(t):
+        return "numeric(20, 0)"
+    if pa.types.is_float16(t) or pa.types.is_float32(t):
+        return "real"
+    if pa.types.is_float64(t):
+        return "double precision"
+    if pa.types.is_decimal(t):
+        return f"numeric({t.precision}, {t.scale})"
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
+        return "text"
+    if pa.types.is_date(t):
+        return "date"
+    if pa.types.is_timestamp(t):
+        return "timestamp with time zone" if t.tz else "timestamp without time zone"
+    if pa.types.is_time(t):
+        return "time"
+    raise ValueError(f"Column {field.name!r}: Arrow type {t} has no PostgreSQL COPY mapping; cast it first")
+
+
+def table_columns(cur, schema: str, table: str) -> list[str] | None:
+    """The target's columns in order, or None when the table does not exist."""
+    cur.execute(
+        "SELECT attname FROM pg_attribute WHERE attrelid = to_regclass(%s) AND attnum > 0 AND NOT attisdropped "
+        "ORDER BY attnum",
+        [_sql().Identifier(schema, table).as_string()],
+    )
+    names = [row[0] for row in cur.fetchall()]
+    if names:
+        return names
+    cur.execute("SELECT to_regclass(%s)", [_sql().Identifier(schema, table).as_string()])
+    return None if cur.fetchone()[0] is None else []
+
+
+def drop_staging_tables(cur, schema: str, load_id: str) -> None:
+    """Drop what earlier tries of this load left behind (a killed task never published them)."""
+    sql = _sql()
+    cur.execute(
+        "SELECT tablename FROM pg_tables WHERE schemaname = %s AND tablename LIKE %s",
+        [schema, f"{STAGING_PREFIX}{load_id}_%"],
+    )
+    for (name,) in cur.fetchall():
+        cur.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(schema, name)))
+
+
+def stage_load(ds, destination: dict[str, Any], load_id: str) -> dict[str, Any]:
+    """COPY the dataset into a new staging table in parallel; return the plan for ``publish``."""
+    sql = _sql()
+    mode = destination.get("mode", "append")
+    if mode not in PG_MODES:
+        raise ValueError(f"Unknown mode {mode!r} for a PostgreSQL destination; use {', '.join(PG_MODES)}")
+    schema_name, table = table_parts(destination["table"])
+    keys = list(destination.get("keys") or [])
+    partition_by = list(destination.get("partition_by") or [])
+    arrow_schema = ds.schema()
+    arrow_schema = arrow_schema.base_schema if arrow_schema is not None else pa.schema([])
+    columns = arrow_schema.names
+    needed = {"upsert": keys, "replace_partition": partition_by}.get(mode)
+    if needed == []:
+        raise ValueError(f"mode {mode!r} needs {'keys' if mode == 'upsert' else 'partition_by'}")
+    for column in [*keys, *partition_by, *[c for c in (destination.get("sequence_by"),) if c]]:
+        if column not in columns:
+            raise ValueError(f"Unknown column {column!r} for {mode}; dataset columns: {', '.join(columns)}")
+    target = sql.Identifier(schema_name, table)
+    staging_name = f"{STAGING_PREFIX}{load_id}_{uuid.uuid4().hex[:8]}"
+    staging = sql.Identifier(schema_name, staging_name)
+    with connect(destination["conn"]) as conn, conn.cursor() as cur:
+        drop_staging_tables(cur, schema_name, load_id)
+        existing = table_columns(cur, schema_name, table)
+        if existing is not None:
+            unknown = [c for c in columns if c not in existing]
+            if unknown:
+                raise ValueError(
+                    f"Column {unknown[0]!r} is not in table {schema_name}.{table} (its columns: {', '.join(existing)})"
+                )
+        if mode == "overwrite" and existing is not None:
+            # A full, logged copy of the target's definition: publish swaps it in (no second copy).
+            cur.execute(sql.SQL("CREATE TABLE {} (LIKE {} INCLUDING ALL)").format(staging, target))
+        elif existing is not None:
+            cur.execute(
+                sql.SQL("CREATE UNLOGGED TABLE {} AS SELECT {} FROM {} WITH NO DATA").format(
+                    staging, idents(columns), target
+                )
+            )
+        else:
+            definition = [sql.SQL("{} {}").format(sql.Identifier(f.name), sql.SQL(pg_type(f))) for f in arrow_schema]
+            if keys:
+                definition.append(sql.SQL("PRIMARY KEY ({})").format(idents(keys)))
+            kind = sql.SQL("TABLE" if mode == "overwrite" else "UNLOGGED TABLE")
+            cur.execute(sql.SQL("CREATE {} {} ({})").format(kind, staging, sql.SQL(", ").join(definition)))
+    try:
+        sink = PostgresCopySink(destination["conn"], schema_name, staging_name, columns)
+        ds.write_datasink(sink)
+    except BaseException:
+        with connect(destination["conn"]) as conn:
+            conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(staging))
+        raise
+    return {
+        "kind": "postgres",
+        "destination": f"{schema_name}.{table}",
+        "schema": schema_name,
+        "table": table,
+        "staging_table": staging_name,
+        "columns": columns,
+        "mode": mode,
+        "keys": keys,
+        "partition_by": partition_by,
+        "sequence_by": destination.get("sequence_by"),
+        "delete_column": destination.get("delete_column"),
+        "load_id": load_id,
+        "rows_written": sink.rows_written,
+        "created": existing is None,
+    }
+
+
+class PostgresCopySink(Datasink):
+    """A Ray Data sink: each write task COPYs its blocks into the staging table."""
+
+    def __init__(self, conn_params: dict[str, Any], schema: str, table: str, columns: list[str]):
+        self._conn_params = conn_params
+        self.schema, self.table, self.columns = schema, table, columns
+        self.rows_written = 0
+
+    def __repr__(self) -> str:
+        return f"PostgresCopySink({self.schema}.{self.table})"
+
+    def get_name(self) -> str:
+        return "PostgresCopy"
+
+    def write(self, blocks: Iterable, ctx) -> int:
+        from ray.data.block import BlockAccessor
+
+        sql = _sql()
+        statement = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT csv)").format(
+            sql.Identifier(self.schema, self.table), idents(self.columns)
+        )
+        rows = 0
+        options = pacsv.WriteOptions(include_header=False)
+        with connect(self._conn_params) as conn, conn.cursor() as cur, cur.copy(statement) as copy:
+            for block in blocks:
+                table = BlockAccessor.for_block(block).to_arrow().select(self.columns)
+                for batch in table.to_batches(max_chunksize=COPY_BATCH_ROWS):
+                    buffer = io.BytesIO()
+                    pacsv.write_csv(batch, buffer, options)  # NULL unquoted-empty, '' quoted: what COPY expects
+                    copy.write(buffer.getbuffer())
+                    rows += batch.num_rows
+        return rows
+
+    def on_write_complete(self, write_result) -> None:
+        self.rows_written = sum(write_result.write_returns)
+
+
+# --- loading: publish on the Airflow worker ----------------------------------------------
+
+
+def publish(conn, plan: dict[str, Any]) -> dict[str, Any]:
+    """Move the staged rows into the target in one transaction (conn: a psycopg 3 connection)."""
+    from psycopg import errors
+
+    sql = _sql()
+    schema, table, mode = plan["schema"], plan["table"], plan["mode"]
+    target, staging = sql.Identifier(schema, table), sql.Identifier(schema, plan["staging_table"])
+    columns = idents(plan["columns"])
+    ledger = sql.Identifier(schema, LEDGER)
+    result = {key: plan[key] for key in ("destination", "mode", "rows_written", "load_id")}
+    result.update(rows_deleted=0, skipped=False, partitions=[])
+    with conn.transaction(), conn.cursor() as cur:
+        # One publisher per table at a time (a retry may overlap a killed try's orphan stage).
+        cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [plan["destination"]])
+        cur.execute("SELECT to_regclass(%s)", [staging.as_string(conn)])
+        if cur.fetchone()[0] is None:
+            raise RuntimeError(f"Staging table {schema}.{plan['staging_table']} is gone: the load must be rerun")
+        cur.execute(
+            sql.SQL(
+                "CREATE TABLE IF NOT EXISTS {} (target text, load_id text, mode text, rows bigint,"
+                " loaded_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (target, load_id))"
+            ).format(ledger)
+        )
+        cur.execute(
+            sql.SQL(
+                "INSERT INTO {} (target, load_id, mode, rows) VALUES (%s, %s, %s, %s) ON CONFLICT (target, load_id)"
+                " DO UPDATE SET rows = EXCLUDED.rows, mode = EXCLUDED.mode, loaded_at = now()"
+                " WHERE {}.mode <> 'append' OR EXCLUDED.mode <> 'append' RETURNING 1"
+            ).format(ledger, sql.Identifier(LEDGER)),
+            [plan["destination"], plan["load_id"], mode, plan["rows_written"]],
+        )
+        if cur.fetchone() is None:  # this run's append was already published: never twice
+            cur.execute(sql.SQL("DROP TABLE {}").format(staging))
+            return {**result, "skipped": True, "rows_written": 0}
+        exists = table_columns(cur, schema, table) is not None
+        if mode == "overwrite":
+            _swap(cur, conn, target, staging, schema, table, exists, columns)
+            return result
+        if not exists:
+            keys = plan["keys"] if mode == "upsert" else []
+            primary = sql.SQL(", PRIMARY KEY ({})").format(idents(keys)) if keys else sql.SQL("")
+            cur.execute(sql.SQL("CREATE TABLE {} (LIKE {}{})").format(target, staging, primary))
+        rows = sql.SQL("SELECT {} FROM {}").format(columns, staging)
+        if mode == "replace_partition":
+            keys = plan["partition_by"]
+            match = sql.SQL(" AND ").join(
+                sql.SQL("t.{0} IS NOT DISTINCT FROM s.{0}").format(sql.Identifier(k)) for k in keys
+            )
+            cur.execute(
+                sql.SQL("DELETE FROM {} AS t USING (SELECT DISTINCT {} FROM {}) AS s WHERE {}").format(
+                    target, idents(keys), staging, match
+                )
+            )
+            result["rows_deleted"] = cur.rowcount
+            cur.execute(sql.SQL("SELECT DISTINCT {} FROM {}").format(idents(keys), staging))
+            result["partitions"] = sorted("/".join(map(str, row)) for row in cur.fetchall())
+        if mode == "upsert":
+            rows, result["rows_deleted"] = _upsert_rows(cur, plan, target, staging, columns)
+        try:
+            cur.execute(sql.SQL("INSERT INTO {} ({}) ").format(target, columns) + rows + _on_conflict(plan))
+        except errors.InvalidColumnReference as exc:  # no unique index for ON CONFLICT
+            raise ValueError(
+                f"upsert into {plan['destination']} on ({', '.join(plan['keys'])}) needs a primary key or unique "
+                "index on exactly those columns"
+            ) from exc
+        cur.execute(sql.SQL("DROP TABLE {}").format(staging))
+    return result
+
+
+def _upsert_rows(cur, plan, target, staging, columns):
+    """Rows to upsert (the latest per key when ``sequence_by`` is set); deletes flagged keys."""
+    sql = _sql()
+    keys = idents(plan["keys"])
+    rows = sql.SQL("SELECT {} FROM {}").format(columns, staging)
+    if plan.get("sequence_by"):
+        rows = sql.SQL("SELECT DISTINCT ON ({}) {} FROM {} ORDER BY {}, {} DESC").format(
+            keys, columns, staging, keys, sql.Identifier(plan["sequence_by"])
+        )
+    else:
+        cur.execute(sql.SQL("SELECT {} FROM {} GROUP BY {} HAVING count(*) > 1 LIMIT 1").format(keys, staging, keys))
+        duplicate = cur.fetchone()
+        if duplicate is not None:
+            named = ", ".join(f"{k}={v!r}" for k, v in zip(plan["keys"], duplicate, strict=True))
+            raise ValueError(
+                f"upsert: key ({named}) appears more than once in this load; set sequence_by to keep the latest"
+            )
+    deleted = 0
+    flag = plan.get("delete_column")
+    if flag:
+        latest = sql.SQL("({}) AS s").format(rows)
+        match = sql.SQL(" AND ").join(sql.SQL("t.{0} = s.{0}").format(sql.Identifier(k)) for k in plan["keys"])
+        cur.execute(
+            sql.SQL("DELETE FROM {} AS t USING {} WHERE {} AND s.{}").format(
+                target, latest, match, sql.Identifier(flag)
+            )
+        )
+        deleted = cur.rowcount
+        rows = sql.SQL("SELECT {} FROM ({}) AS s WHERE s.{} IS NOT TRUE").format(columns, rows, sql.Identifier(flag))
+    return rows, deleted
+
+
+def _on_conflict(plan):
+    sql = _sql()
+    if plan["mode"] != "upsert":
+        return sql.SQL("")
+    updates = [c for c in plan["columns"] if c not in plan["keys"]]
+    action = (
+        sql.SQL("DO UPDATE SET {}").format(
+            sql.SQL(", ").join(sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c)) for c in updates)
+        )
+        if updates
+        else sql.SQL("DO NOTHING")
+    )
+    return sql.SQL(" ON CONFLICT ({}) ").format(idents(plan["keys"])) + action
+
+
+def _swap(cur, conn, target, staging, schema, table, exists, columns):
+    """Overwrite: the staged table becomes the target (a rename, no second copy of the rows).
+
+    When other objects depend on the old table (views, foreign keys, owned sequences) it cannot
+    be dropped: then its rows are replaced in place instead (TRUNCATE + INSERT).
+    """
+    from psycopg import errors
+
+    sql = _sql()
+    if not exists:
+        cur.execute(sql.SQL("ALTER TABLE {} RENAME TO {}").format(staging, sql.Identifier(table)))
+        return
+    retired = f"{STAGING_PREFIX}old_{uuid.uuid4().hex[:8]}"
+    try:
+        with conn.transaction():  # a savepoint
+            cur.execute(sql.SQL("ALTER TABLE {} RENAME TO {}").format(target, sql.Identifier(retired)))
+            cur.execute(sql.SQL("ALTER TABLE {} RENAME TO {}").format(staging, sql.Identifier(table)))
+            cur.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(schema, retired)))
+    except errors.DependentObjectsStillExist:
+        cur.execute(sql.SQL("TRUNCATE {}").format(target))
+        cur.execute(sql.SQL("INSERT INTO {} ({}) SELECT {} FROM {}").format(target, columns, columns, staging))
+        cur.execute(sql.SQL("DROP TABLE {}").format(staging))
