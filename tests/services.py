@@ -42,6 +42,7 @@ class RayHead:
         self.dashboard_port = free_port()
         # Jobs submitted to the head run `python ...`: it must be this environment's Python.
         self.env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **(env or {})}
+        self.gcs_port = free_port()
         self.address = f"ray://127.0.0.1:{self.client_port}"
         self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}"
 
@@ -50,7 +51,7 @@ class RayHead:
             str(BIN / "ray"),
             "start",
             "--head",
-            f"--port={free_port()}",
+            f"--port={self.gcs_port}",
             f"--ray-client-server-port={self.client_port}",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={self.dashboard_port}",
@@ -68,10 +69,11 @@ class RayHead:
     def stop(self) -> None:
         import psutil
 
-        marker = str(self.temp_dir)
+        # The client server's processes name the GCS address, not the temp dir.
+        markers = (str(self.temp_dir), f":{self.gcs_port}")
         for proc in psutil.process_iter(["cmdline"]):
             try:
-                if any(marker in part for part in proc.info["cmdline"] or []):
+                if any(marker in part for part in proc.info["cmdline"] or [] for marker in markers):
                     proc.kill()
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 pass
