@@ -2,15 +2,18 @@
 
 extract orders (CSV), lineitem (Parquet), customer and nation -> clean lineitem (a pandas
 function plus declarative steps) -> join and aggregate daily revenue per market segment and
-nation -> quality checks -> load into a Parquet lake partitioned by date.
+nation -> quality checks -> load into a Parquet lake partitioned by date and, when a
+PostgreSQL connection is configured, into a warehouse table (the day's rows replaced).
 
 The day processed is the run's data interval start (scheduled runs and backfills), the
 ``date`` param when a run is triggered with one, else the day of the run's ``run_after``
 (a manual run in Airflow 3 may have no logical date).
 
 Settings (environment): RAYDATA_SOURCE_URI (default $AIRFLOW_HOME/raydata/source),
-RAYDATA_LAKE_URI (default $AIRFLOW_HOME/raydata/lake). The Ray cluster and staging location
-come from the ``raydata_default`` connection; without one, an embedded local Ray is used.
+RAYDATA_LAKE_URI (default $AIRFLOW_HOME/raydata/lake), RAYDATA_POSTGRES_CONN_ID (an Airflow
+``postgres`` connection: adds the warehouse load) and RAYDATA_POSTGRES_TABLE (default
+public.daily_revenue). The Ray cluster and staging location come from the ``raydata_default``
+connection; without one, an embedded local Ray is used.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from airflow_provider_raydata.operators import (
 AIRFLOW_HOME = os.environ.get("AIRFLOW_HOME", os.path.expanduser("~/airflow"))
 SOURCE = os.environ.get("RAYDATA_SOURCE_URI", f"{AIRFLOW_HOME}/raydata/source")
 LAKE = os.environ.get("RAYDATA_LAKE_URI", f"{AIRFLOW_HOME}/raydata/lake")
+POSTGRES_CONN_ID = os.environ.get("RAYDATA_POSTGRES_CONN_ID")
+POSTGRES_TABLE = os.environ.get("RAYDATA_POSTGRES_TABLE", "public.daily_revenue")
 SEGMENTS = ["AUTOMOBILE", "BUILDING", "FURNITURE", "HOUSEHOLD", "MACHINERY"]
 
 
@@ -129,3 +134,11 @@ with DAG(
         partition_by=["o_orderdate"],
         mode="overwrite_partitions",
     )
+    if POSTGRES_CONN_ID:
+        RayDataLoadOperator(
+            task_id="load_warehouse",
+            input=checked.output,
+            destination={"kind": "postgres", "postgres_conn_id": POSTGRES_CONN_ID, "table": POSTGRES_TABLE},
+            partition_by=["o_orderdate"],
+            mode="replace_partition",
+        )

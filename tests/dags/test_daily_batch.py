@@ -88,13 +88,25 @@ def test_run_date_for_scheduled_manual_and_param_runs():
     assert module.run_date({"date": "2023-12-31"}, manual) == "2023-12-31"
 
 
+def warehouse_day(pg, day: str) -> pd.DataFrame:
+    frame = pd.DataFrame(
+        pg.conn.execute(
+            "SELECT c_mktsegment, n_name, revenue, orders, lines FROM daily_revenue WHERE o_orderdate = %s", [day]
+        ).fetchall(),
+        columns=["c_mktsegment", "n_name", "revenue", "orders", "lines"],
+    )
+    return frame.set_index(["c_mktsegment", "n_name"]).sort_index()
+
+
 def test_daily_dag_end_to_end_on_ray_and_rerun_without_duplicates(
-    monkeypatch, airflow_db, ray_head, sample_data, tmp_path
+    monkeypatch, airflow_db, ray_head, sample_data, tmp_path, pg
 ):
     lake = tmp_path / "lake"
     conn = ray_head.connection(staging_uri=str(tmp_path / "staging"))
     monkeypatch.setenv("AIRFLOW_CONN_RAYDATA_DEFAULT", json.dumps(conn))
+    monkeypatch.setenv("RAYDATA_POSTGRES_CONN_ID", pg.conn_id)  # adds the warehouse load
     dag = load_dag(monkeypatch, sample_data, lake)
+    assert dag.get_task("load_warehouse").upstream_task_ids == {"quality"}
 
     run = dag.test(logical_date=datetime(2024, 1, 2, tzinfo=UTC))
     assert run.state == "success"
@@ -102,12 +114,15 @@ def test_daily_dag_end_to_end_on_ray_and_rerun_without_duplicates(
     got = lake_partition(lake, "2024-01-02")
     assert len(got) == len(expected) > 50
     pd.testing.assert_frame_equal(got, expected, check_dtype=False, rtol=1e-9)
+    pd.testing.assert_frame_equal(warehouse_day(pg, "2024-01-02"), expected, check_dtype=False, rtol=1e-9)
 
     # A manual run without a logical date, for the same day through the param: replaces the
     # day's partition, never duplicates it.
     rerun = dag.test(logical_date=None, run_conf={"date": "2024-01-02"})
     assert rerun.state == "success"
     pd.testing.assert_frame_equal(lake_partition(lake, "2024-01-02"), expected, check_dtype=False, rtol=1e-9)
+    pd.testing.assert_frame_equal(warehouse_day(pg, "2024-01-02"), expected, check_dtype=False, rtol=1e-9)
+    assert pg.conn.execute("SELECT count(*) FROM daily_revenue").fetchone()[0] == len(expected)
     assert [p.name for p in (lake / "daily_revenue").iterdir() if not p.name.startswith("_")] == [
         "o_orderdate=2024-01-02"
     ]

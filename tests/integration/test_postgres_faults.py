@@ -129,7 +129,10 @@ def test_planted_credentials_appear_nowhere(ray_head, pg, s3_server, tmp_path, m
     errors = []
     for bad in ({"table": "src", "mode": "upsert", "keys": ["nope"]}, {"table": "missing_schema.t"}):
         broken = RayDataLoadOperator(
-            task_id="broken", input=ref, destination={"kind": "postgres", "postgres_conn_id": "pg_leak", **bad}, **common
+            task_id="broken",
+            input=ref,
+            destination={"kind": "postgres", "postgres_conn_id": "pg_leak", **bad},
+            **common,
         )
         with pytest.raises(Exception) as failure:
             run_operator(broken)
