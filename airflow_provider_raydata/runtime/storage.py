@@ -1,8 +1,9 @@
-"""Map URIs (local paths, file://, s3://) to pyarrow filesystems."""
+"""Map URIs (local paths, file://, s3://, gs://) to pyarrow filesystems."""
 
 from __future__ import annotations
 
 import fnmatch
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -26,11 +27,31 @@ def filesystem_for(uri: str, options: dict[str, Any] | None = None) -> tuple[paf
             kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
         return pafs.S3FileSystem(**kwargs), uri[len("s3://") :].rstrip("/")
+    if uri.startswith("gs://"):
+        return gcs_filesystem(options), uri[len("gs://") :].rstrip("/")
     if uri.startswith("file://"):
         uri = uri[len("file://") :]
     if "://" in uri:
-        raise ValueError(f"Unsupported URI scheme in {uri!r}: use a local path, file:// or s3://")
+        raise ValueError(f"Unsupported URI scheme in {uri!r}: use a local path, file://, s3:// or gs://")
     return pafs.LocalFileSystem(), uri.rstrip("/") or "/"
+
+
+def gcs_filesystem(options: dict[str, Any]) -> pafs.GcsFileSystem:
+    """gs:// with an OAuth access token resolved on the Airflow side (else the cluster's own
+    application-default credentials); ``gcs_endpoint`` serves emulators."""
+    kwargs: dict[str, Any] = {}
+    if options.get("gcs_access_token"):
+        expiry = options.get("gcs_token_expiry")
+        kwargs["access_token"] = options["gcs_access_token"]
+        kwargs["credential_token_expiration"] = (
+            datetime.fromisoformat(expiry) if expiry else datetime.now(UTC) + timedelta(minutes=55)
+        )
+    if options.get("gcs_project"):
+        kwargs["project_id"] = options["gcs_project"]
+    if options.get("gcs_endpoint"):
+        scheme, _, host = options["gcs_endpoint"].partition("://")
+        kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
+    return pafs.GcsFileSystem(**kwargs)
 
 
 def join_uri(base: str, *parts: str) -> str:

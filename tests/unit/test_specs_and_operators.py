@@ -5,7 +5,6 @@ import pytest
 from airflow_provider_raydata import get_provider_info
 from airflow_provider_raydata.operators import (
     RayDataExtractOperator,
-    RayDataLoadOperator,
     RayDataQualityOperator,
     RayDataTransformOperator,
 )
@@ -64,13 +63,6 @@ def test_fn_runs_before_the_steps():
 def test_bad_checks_fail_at_parse_time(checks, message):
     with pytest.raises(ValueError, match=message):
         RayDataQualityOperator(task_id="q", input=REF, checks=checks)
-
-
-def test_load_mode_is_checked():
-    with pytest.raises(ValueError, match="unknown mode 'upsert'"):
-        RayDataLoadOperator(task_id="l", input=REF, destination="/tmp/lake", mode="upsert")
-    with pytest.raises(ValueError, match="needs partition_by"):
-        RayDataLoadOperator(task_id="l", input=REF, destination="/tmp/lake", mode="overwrite_partitions")
 
 
 def test_extract_builds_a_file_source_spec():
