@@ -17,6 +17,7 @@ The connection parameters arrive inside the stage spec; nothing here logs or for
 from __future__ import annotations
 
 import io
+import time
 import uuid
 from collections.abc import Iterable
 from typing import Any
@@ -261,6 +262,7 @@ def stage_load(ds, destination: dict[str, Any], load_id: str) -> dict[str, Any]:
                 definition.append(sql.SQL("PRIMARY KEY ({})").format(idents(keys)))
             kind = sql.SQL("TABLE" if mode == "overwrite" else "UNLOGGED TABLE")
             cur.execute(sql.SQL("CREATE {} {} ({})").format(kind, staging, sql.SQL(", ").join(definition)))
+    started = time.perf_counter()
     try:
         sink = PostgresCopySink(destination["conn"], schema_name, staging_name, columns)
         ds.write_datasink(sink)
@@ -282,7 +284,7 @@ def stage_load(ds, destination: dict[str, Any], load_id: str) -> dict[str, Any]:
         "delete_column": destination.get("delete_column"),
         "load_id": load_id,
         "rows_written": sink.rows_written,
-        "created": existing is None,
+        "copy_seconds": round(time.perf_counter() - started, 3),
     }
 
 
@@ -328,6 +330,12 @@ class PostgresCopySink(Datasink):
 
 def publish(conn, plan: dict[str, Any]) -> dict[str, Any]:
     """Move the staged rows into the target in one transaction (conn: a psycopg 3 connection)."""
+    started = time.perf_counter()
+    result = _publish(conn, plan)
+    return {**result, "publish_seconds": round(time.perf_counter() - started, 3)}
+
+
+def _publish(conn, plan: dict[str, Any]) -> dict[str, Any]:
     from psycopg import errors
 
     sql = _sql()
@@ -335,7 +343,7 @@ def publish(conn, plan: dict[str, Any]) -> dict[str, Any]:
     target, staging = sql.Identifier(schema, table), sql.Identifier(schema, plan["staging_table"])
     columns = idents(plan["columns"])
     ledger = sql.Identifier(schema, LEDGER)
-    result = {key: plan[key] for key in ("destination", "mode", "rows_written", "load_id")}
+    result = {key: plan[key] for key in ("destination", "mode", "rows_written", "load_id", "copy_seconds")}
     result.update(rows_deleted=0, skipped=False, partitions=[])
     with conn.transaction(), conn.cursor() as cur:
         # One publisher per table at a time (a retry may overlap a killed try's orphan stage).
