@@ -1,7 +1,8 @@
-"""Map URIs (local paths, file://, s3://) to pyarrow filesystems."""
+"""Map URIs (local paths, file://, s3://, gs://) to pyarrow filesystems."""
 
 from __future__ import annotations
 
+import datetime as dt
 import fnmatch
 from typing import Any
 
@@ -26,11 +27,26 @@ def filesystem_for(uri: str, options: dict[str, Any] | None = None) -> tuple[paf
             kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
         return pafs.S3FileSystem(**kwargs), uri[len("s3://") :].rstrip("/")
+    if uri.startswith("gs://"):
+        return _gcs(options), uri[len("gs://") :].rstrip("/")
     if uri.startswith("file://"):
         uri = uri[len("file://") :]
     if "://" in uri:
-        raise ValueError(f"Unsupported URI scheme in {uri!r}: use a local path, file:// or s3://")
+        raise ValueError(f"Unsupported URI scheme in {uri!r}: use a local path, file://, s3:// or gs://")
     return pafs.LocalFileSystem(), uri.rstrip("/") or "/"
+
+
+def _gcs(options: dict[str, Any]) -> pafs.GcsFileSystem:
+    """GCS with the short-lived token resolved on the Airflow side (else the cluster's own credentials)."""
+    kwargs: dict[str, Any] = {}
+    if options.get("gcs_access_token"):
+        expiry = options.get("gcs_token_expiry")
+        expires = dt.datetime.fromisoformat(expiry) if expiry else dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
+        expires = expires if expires.tzinfo else expires.replace(tzinfo=dt.UTC)  # google-auth's expiry is naive UTC
+        kwargs.update(access_token=options["gcs_access_token"], credential_token_expiration=expires)
+    if options.get("gcs_project"):
+        kwargs["project_id"] = options["gcs_project"]
+    return pafs.GcsFileSystem(**kwargs)
 
 
 def join_uri(base: str, *parts: str) -> str:
