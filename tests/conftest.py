@@ -139,3 +139,40 @@ def ray_conn(ray_head, monkeypatch):
 
     monkeypatch.setenv("AIRFLOW_CONN_RAYDATA_DEFAULT", json.dumps(ray_head.connection()))
     return ray_head
+
+
+@pytest.fixture(scope="session")
+def fakesnow_server():
+    """fakesnow's server on loopback: the real Snowflake connector talks HTTP to a DuckDB stand-in."""
+    fakesnow = pytest.importorskip("fakesnow")
+    with fakesnow.server() as params:
+        yield params
+
+
+@pytest.fixture
+def sf(fakesnow_server, monkeypatch):
+    """A fresh database for one test, reachable as the Airflow connection ``sf_test``."""
+    import json
+    import uuid
+    from types import SimpleNamespace
+
+    import snowflake.connector
+
+    database = f"DB_{uuid.uuid4().hex[:8].upper()}"
+    conn = snowflake.connector.connect(**fakesnow_server, paramstyle="qmark")
+    conn.cursor().execute(f"CREATE DATABASE {database}")
+    conn.cursor().execute(f"CREATE SCHEMA {database}.PUBLIC")
+    conn.cursor().execute(f"USE SCHEMA {database}.PUBLIC")
+    extra = {
+        "account": "fakesnow",
+        "database": database,
+        "host": fakesnow_server["host"],
+        "port": fakesnow_server["port"],
+        "protocol": "http",
+        "network_timeout": 10,  # fakesnow answers an unsupported statement with HTTP 500: no endless retry
+        "session_parameters": {"CLIENT_OUT_OF_BAND_TELEMETRY_ENABLED": False},
+    }
+    connection = {"conn_type": "snowflake", "login": "fake", "password": "snow-secret", "schema": "PUBLIC"}
+    monkeypatch.setenv("AIRFLOW_CONN_SF_TEST", json.dumps({**connection, "extra": extra}))
+    yield SimpleNamespace(conn=conn, conn_id="sf_test", database=database)
+    conn.close()

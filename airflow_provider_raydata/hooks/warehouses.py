@@ -12,7 +12,11 @@ from typing import Any
 from airflow.sdk.log import mask_secret
 
 # Source/destination kinds whose dicts name an Airflow connection: kind -> (key, default id).
-CONNECTION_KEYS = {"postgres": ("postgres_conn_id", "postgres_default")}
+CONNECTION_KEYS = {
+    "postgres": ("postgres_conn_id", "postgres_default"),
+    "snowflake": ("snowflake_conn_id", "snowflake_default"),
+    "bigquery": ("gcp_conn_id", "google_cloud_default"),
+}
 
 
 def postgres_hook(conn_id: str):
@@ -40,6 +44,55 @@ def postgres_params(conn_id: str) -> dict[str, Any]:
     return {k: v for k, v in params.items() if v not in (None, "")}
 
 
+PASSTHROUGH_SNOWFLAKE_OPTIONS = ("protocol", "network_timeout", "login_timeout")
+
+
+def snowflake_hook(conn_id: str):
+    try:
+        from airflow.providers.snowflake.hooks.snowflake import SnowflakeHook
+    except ImportError as exc:
+        raise ImportError("Snowflake needs: pip install 'airflow-provider-raydata[snowflake]'") from exc
+    return SnowflakeHook(snowflake_conn_id=conn_id)
+
+
+def snowflake_params(conn_id: str) -> dict[str, Any]:
+    """``snowflake.connector.connect`` keyword arguments, as SnowflakeHook.get_conn builds them
+    (password, key pair, OAuth token...). The connector options the hook does not know pass
+    through from the extras too: ``protocol`` (``http`` for a local stand-in such as fakesnow's
+    server; the connector defaults to https), ``network_timeout`` and ``login_timeout``."""
+    hook = snowflake_hook(conn_id)
+    params: dict[str, Any] = dict(hook._get_conn_params())
+    extra = hook.get_connection(conn_id).extra_dejson
+    params.update({k: extra[k] for k in PASSTHROUGH_SNOWFLAKE_OPTIONS if extra.get(k) is not None})
+    for key in ("password", "token", "proxy_password"):
+        if isinstance(params.get(key), str) and params[key]:
+            mask_secret(params[key])
+    return {k: v for k, v in params.items() if v not in (None, "")}
+
+
+def bigquery_hook(conn_id: str, location: str | None = None):
+    try:
+        from airflow.providers.google.cloud.hooks.bigquery import BigQueryHook
+    except ImportError as exc:
+        raise ImportError("BigQuery needs: pip install 'airflow-provider-raydata[bigquery]'") from exc
+    return BigQueryHook(gcp_conn_id=conn_id, location=location)
+
+
+def bigquery_params(conn_id: str) -> dict[str, Any]:
+    """A short-lived OAuth access token and the project, from BigQueryHook's credentials (the
+    service-account key itself never leaves the Airflow worker)."""
+    from google.auth.transport.requests import Request
+
+    hook = bigquery_hook(conn_id)
+    credentials, project = hook.get_credentials_and_project_id()
+    credentials.refresh(Request())
+    mask_secret(credentials.token)
+    return {"token": credentials.token, "project": project}
+
+
+RESOLVERS = {"postgres": postgres_params, "snowflake": snowflake_params, "bigquery": bigquery_params}
+
+
 def resolve_connection(spec: dict[str, Any]) -> dict[str, Any]:
     """A source/destination dict with its ``*_conn_id`` replaced by connection parameters."""
     kind = spec.get("kind")
@@ -47,7 +100,7 @@ def resolve_connection(spec: dict[str, Any]) -> dict[str, Any]:
         return spec
     key, default = CONNECTION_KEYS[kind]
     resolved = {k: v for k, v in spec.items() if k != key}
-    resolved["conn"] = postgres_params(spec.get(key) or default)
+    resolved["conn"] = RESOLVERS[kind](spec.get(key) or default)
     return resolved
 
 
@@ -64,6 +117,42 @@ def publish_postgres(conn_id: str, plan: dict[str, Any]) -> dict[str, Any]:
         raise
     finally:
         conn.close()
+
+
+def publish_snowflake(conn_id: str, plan: dict[str, Any]) -> dict[str, Any]:
+    """Run the load's publish transaction with the connection SnowflakeHook describes."""
+    from airflow_provider_raydata.runtime.snowflake import connect, drop_staging_tables, publish
+
+    with connect(snowflake_params(conn_id)) as conn:
+        try:
+            return publish(conn, plan)
+        except BaseException:
+            drop_staging_tables(conn.cursor(), plan["database"], plan["schema"], plan["load_id"])
+            raise
+
+
+def load_bigquery(ref: dict[str, Any] | str, destination: dict[str, Any], load_id: str) -> dict[str, Any]:
+    """Load a committed gs:// Parquet reference with BigQuery jobs (BigQueryHook's client).
+
+    BigQuery reads the files itself: the rows pass through neither the worker nor the cluster.
+    """
+    from airflow_provider_raydata.runtime.bigquery import load_plan, publish
+
+    hook = bigquery_hook(destination.get("gcp_conn_id") or "google_cloud_default", destination.get("location"))
+    plan = load_plan(ref, destination, load_id, default_project=hook.project_id)
+    return publish(hook.get_client(project_id=plan["project"], location=plan.get("location")), plan)
+
+
+PUBLISHERS = {"postgres": publish_postgres, "snowflake": publish_snowflake}
+
+
+def publish_load(destination: dict[str, Any], plan: dict[str, Any]) -> dict[str, Any]:
+    """Publish a plan staged on the cluster (a no-op for destinations the stage wrote itself)."""
+    kind = plan.get("kind")
+    if kind not in PUBLISHERS:
+        return plan
+    key, default = CONNECTION_KEYS[kind]
+    return PUBLISHERS[kind](destination.get(key) or default, plan)
 
 
 def aws_storage_options(conn_id: str) -> dict[str, Any]:

@@ -18,7 +18,8 @@ from airflow_provider_raydata.hooks.ray import RayHook
 from airflow_provider_raydata.hooks.warehouses import (
     aws_storage_options,
     gcs_storage_options,
-    publish_postgres,
+    load_bigquery,
+    publish_load,
     resolve_connection,
 )
 from airflow_provider_raydata.runtime.refs import task_prefix
@@ -171,7 +172,10 @@ class RayDataExtractOperator(RayDataBaseOperator):
         (templated): ``{"kind": "files", "path": ..., "format": "csv"}``, or
         ``{"kind": "postgres", "postgres_conn_id": ..., "query": "... WHERE day = %(day)s",
         "parameters": {"day": "{{ ds }}"}, "shard_key": "id"}`` (or ``"table": "schema.name"``).
-        Query values are always bound parameters, never formatted into the SQL text.
+        ``{"kind": "snowflake", "snowflake_conn_id": ..., "query": "... WHERE day = ?",
+        "parameters": ["{{ ds }}"]}`` (or ``"table": "db.schema.table"``), ``{"kind": "bigquery",
+        "gcp_conn_id": ..., "table": "project.dataset.table"}`` (or ``"query"`` with ``@name``
+        ``"parameters"``). Query values are always bound parameters, never formatted into the SQL.
     :param format: ``parquet``, ``csv`` or ``json`` (default: from the file extension).
     :param columns: columns to keep. :param filter: a row filter such as ``"qty > 0"``.
     :param cast: ``{"column": "arrow type"}`` applied after reading.
@@ -302,7 +306,8 @@ class RayDataLoadOperator(RayDataBaseOperator):
 
     :param destination: a lake directory (local, s3:// or gs://) or a destination dict:
         ``{"kind": "parquet", "path": ...}`` or ``{"kind": "postgres", "postgres_conn_id": ...,
-        "table": "schema.table"}`` (optional there: ``sequence_by`` to keep the latest row per key
+        "table": "schema.table"}``, the same with ``"kind": "snowflake", "snowflake_conn_id"`` or
+        ``"kind": "bigquery", "gcp_conn_id"`` (optional there: ``sequence_by`` to keep the latest row per key
         in an upsert, ``delete_column`` naming a boolean column whose true rows are deleted).
     :param mode: lake: ``append``, ``overwrite``, ``overwrite_partitions``. PostgreSQL:
         ``append``, ``overwrite``, ``replace_partition`` (delete the rows whose ``partition_by``
@@ -310,8 +315,11 @@ class RayDataLoadOperator(RayDataBaseOperator):
     :param partition_by: partition columns (e.g. a date column).
     :param keys: key columns for ``upsert``.
 
-    PostgreSQL loads COPY in parallel into a staging table on the cluster, then this task
-    publishes them in one transaction: a failed or killed load leaves the table as it was.
+    PostgreSQL and Snowflake loads stage the rows in parallel into a staging table on the
+    cluster (COPY; Snowflake: PUT of Parquet files + COPY INTO), then this task publishes them
+    in one transaction: a failed or killed load leaves the table as it was. BigQuery loads need
+    no Ray stage: its load jobs read the gs:// Parquet handoff directly (``replace_partition``
+    there needs ``"partition": "YYYYMMDD"`` and loads into ``table$YYYYMMDD``).
     """
 
     stage = "load"
@@ -349,23 +357,37 @@ class RayDataLoadOperator(RayDataBaseOperator):
                 destination.setdefault(key, value)
         return destination
 
-    def stage_spec(self, context) -> dict[str, Any]:
+    @staticmethod
+    def load_id(ti) -> str:
+        """One id per (DAG run, task): a retry replaces or skips what an earlier try published."""
+        return hashlib.sha1(f"{ti.dag_id}\n{ti.run_id}\n{ti.task_id}".encode()).hexdigest()[:16]
+
+    def execute(self, context) -> Any:
+        destination = self.destination_spec()
+        if destination.get("kind") != "bigquery":
+            return super().execute(context)
+        # BigQuery load jobs read the gs:// Parquet handoff themselves: no Ray stage is needed.
         ti = context["ti"]
-        # One id per (DAG run, task): the sink replaces what an earlier try of this load wrote.
-        load_id = hashlib.sha1(f"{ti.dag_id}\n{ti.run_id}\n{ti.task_id}".encode()).hexdigest()[:16]
+        ref = self.resolve_input(self.input)
+        load = load_bigquery(ref, destination, self.load_id(ti))
+        rows_in = ref.get("num_rows") if isinstance(ref, dict) else None
+        metrics = {"rows_in": rows_in, "rows_out": load["rows_written"], "seconds": load["seconds"]}
+        ti.xcom_push(key="metrics", value=metrics)
+        return self.handle_result(context, {"load": load})
+
+    def stage_spec(self, context) -> dict[str, Any]:
         destination = resolve_connection(self.destination_spec())
+        load_id = self.load_id(context["ti"])
         return {"input": self.resolve_input(self.input), "destination": destination, "load_id": load_id}
 
     def handle_result(self, context, result: dict[str, Any]) -> Any:
-        load = result["load"]
-        if load.get("kind") == "postgres":  # staged on the cluster: publish in one transaction here
-            conn_id = self.destination_spec().get("postgres_conn_id") or "postgres_default"
-            load = publish_postgres(conn_id, load)
-            if load["skipped"]:
-                self.log.warning(
-                    "This run's append to %s was already published by an earlier try: nothing appended twice",
-                    load["destination"],
-                )
+        # Staged on the cluster (PostgreSQL, Snowflake): publish in one transaction here.
+        load = publish_load(self.destination_spec(), result["load"])
+        if load.get("skipped"):
+            self.log.warning(
+                "This run's append to %s was already published by an earlier try: nothing appended twice",
+                load["destination"],
+            )
         self.log.info(
             "Loaded %s rows into %s (%s; partitions: %s)",
             load["rows_written"],

@@ -110,4 +110,16 @@ def stage_postgres(ds: ray.data.Dataset, destination: dict, storage: dict | None
     return stage_load(ds, destination, load_id)
 
 
-WRITERS: dict[str, Callable[..., dict[str, Any]]] = {"parquet": write_lake, "postgres": stage_postgres}
+def stage_snowflake(ds: ray.data.Dataset, destination: dict, storage: dict | None, load_id: str) -> dict:
+    from .snowflake import stage_load  # the Snowflake connector is an optional extra
+
+    return stage_load(ds, destination, load_id)
+
+
+# BigQuery has no writer here: its load job reads the committed Parquet handoff on gs:// itself
+# (see runtime/bigquery.py), so a BigQuery load needs no Ray stage.
+WRITERS: dict[str, Callable[..., dict[str, Any]]] = {
+    "parquet": write_lake,
+    "postgres": stage_postgres,
+    "snowflake": stage_snowflake,
+}

@@ -99,7 +99,21 @@ def read_postgres(source: dict[str, Any], storage: dict | None) -> ray.data.Data
     return read(source, storage)
 
 
+def read_snowflake(source: dict[str, Any], storage: dict | None) -> ray.data.Dataset:
+    from .snowflake import read_snowflake as read  # the Snowflake connector is an optional extra
+
+    return read(source, storage)
+
+
+def read_bigquery(source: dict[str, Any], storage: dict | None) -> ray.data.Dataset:
+    from .bigquery import read_bigquery as read  # google-cloud-bigquery is an optional extra
+
+    return read(source, storage)
+
+
 READERS: dict[str, Callable[[dict[str, Any], dict | None], ray.data.Dataset]] = {
     "files": read_files,
     "postgres": read_postgres,
+    "snowflake": read_snowflake,
+    "bigquery": read_bigquery,
 }

@@ -101,6 +101,8 @@ def validate_checks(checks: list[dict[str, Any]]) -> None:
 DESTINATION_MODES = {
     "parquet": ("append", "overwrite", "overwrite_partitions"),
     "postgres": ("append", "overwrite", "replace_partition", "upsert"),
+    "snowflake": ("append", "overwrite", "replace_partition", "upsert"),
+    "bigquery": ("append", "overwrite", "replace_partition", "upsert"),
 }
 
 
@@ -116,5 +118,9 @@ def validate_destination(destination: dict[str, Any]) -> None:
         raise ValueError(f"mode {mode!r} needs partition_by")
     if mode == "upsert" and not destination.get("keys"):
         raise ValueError("mode 'upsert' needs keys (the columns that identify a row)")
-    if kind == "postgres" and not destination.get("table"):
-        raise ValueError("a postgres destination needs 'table' ('schema.table' or 'table')")
+    if kind in ("postgres", "snowflake", "bigquery") and not destination.get("table"):
+        raise ValueError(f"a {kind} destination needs 'table'")
+    if kind == "bigquery" and mode == "replace_partition" and not destination.get("partition"):
+        raise ValueError(
+            "a bigquery replace_partition needs 'partition': the partition to replace, e.g. '{{ ds_nodash }}'"
+        )

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import fnmatch
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -37,15 +37,14 @@ def filesystem_for(uri: str, options: dict[str, Any] | None = None) -> tuple[paf
 
 
 def gcs_filesystem(options: dict[str, Any]) -> pafs.GcsFileSystem:
-    """gs:// with an OAuth access token resolved on the Airflow side (else the cluster's own
-    application-default credentials); ``gcs_endpoint`` serves emulators."""
+    """gs:// with a short-lived token resolved on the Airflow side (else the cluster's own
+    credentials); ``gcs_endpoint`` serves emulators."""
     kwargs: dict[str, Any] = {}
     if options.get("gcs_access_token"):
         expiry = options.get("gcs_token_expiry")
-        kwargs["access_token"] = options["gcs_access_token"]
-        kwargs["credential_token_expiration"] = (
-            datetime.fromisoformat(expiry) if expiry else datetime.now(UTC) + timedelta(minutes=55)
-        )
+        expires = dt.datetime.fromisoformat(expiry) if expiry else dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
+        expires = expires if expires.tzinfo else expires.replace(tzinfo=dt.UTC)  # google-auth's expiry is naive UTC
+        kwargs.update(access_token=options["gcs_access_token"], credential_token_expiration=expires)
     if options.get("gcs_project"):
         kwargs["project_id"] = options["gcs_project"]
     if options.get("gcs_endpoint"):
