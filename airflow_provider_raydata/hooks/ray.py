@@ -7,6 +7,7 @@ import json
 import os
 import re
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -154,7 +155,7 @@ class RayHook(BaseHook):
             kwargs["_metadata"] = [("authorization", f"Bearer {settings.auth_token}")]
         for attempt in range(1, self.connect_attempts + 1):
             try:
-                ray.init(settings.address, **kwargs)
+                _bounded(lambda: ray.init(settings.address, **kwargs), self.connect_timeout, settings.address)
                 return
             except Exception as error:  # noqa: BLE001 - classified below
                 message = _redact(str(error), settings)
@@ -324,6 +325,27 @@ def settings_from_connection(
         connect_timeout=float(get("connect_timeout", DEFAULT_CONNECT_TIMEOUT)),
         log_to_driver=str(get("log_to_driver", False)).lower() in ("true", "1", "yes"),
     )
+
+
+def _bounded(call, timeout: float, address: str | None) -> None:
+    """Run ``call`` with a deadline. The Ray Client's session handshake has none of its own: seen
+    here, a client server that never answered kept ``ray.init`` waiting forever."""
+    outcome: dict[str, BaseException | None] = {}
+
+    def target() -> None:
+        try:
+            call()
+            outcome["error"] = None
+        except BaseException as error:  # noqa: BLE001 - re-raised in the caller's thread
+            outcome["error"] = error
+
+    thread = threading.Thread(target=target, name="ray-client-connect", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise AirflowException(f"The Ray Client session to {address} did not start within {timeout:g}s")
+    if outcome["error"] is not None:
+        raise outcome["error"]
 
 
 def root_cause(exc: BaseException) -> str:
