@@ -308,16 +308,13 @@ def compare(value: Any, comparators: dict[str, Any], tolerance: float | None = N
     for op, expected in comparators.items():
         expected = _like(expected, value)
         slack = abs(expected) * tolerance if tolerance else 0
+        low, high = (expected - slack, expected + slack) if slack else (expected, expected)
         if op == "equal_to":
-            ok = abs(value - expected) <= slack if slack else value == expected
-        elif op == "greater_than":
-            ok = value > expected - slack
-        elif op == "geq_to":
-            ok = value >= expected - slack
-        elif op == "less_than":
-            ok = value < expected + slack
+            ok = low <= value <= high
+        elif op in ("greater_than", "geq_to"):
+            ok = value > low if op == "greater_than" else value >= low
         else:
-            ok = value <= expected + slack
+            ok = value < high if op == "less_than" else value <= high
         if not ok:
             return False
     return True
