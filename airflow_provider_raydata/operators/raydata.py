@@ -393,7 +393,7 @@ def format_report(report: dict[str, Any]) -> str:
         if c.get("failed_rows"):
             value += f" ({c['failed_rows']} of {c['evaluated_rows']} rows failed)"
         result = "PASS" if c["passed"] else ("FAIL" if c.get("policy", "fail") == "fail" else "WARN")
-        rows.append((c["name"], value, c["expected"], c.get("policy", "fail"), result))
+        rows.append((_cell(c["name"]), _cell(value), _cell(c["expected"]), c.get("policy", "fail"), result))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     if "rows_in" in report:
@@ -402,6 +402,10 @@ def format_report(report: dict[str, Any]) -> str:
             f"{report['rows_quarantined']}; quality score {report['score']:.4f}"
         )
     return "\n".join(lines)
+
+
+def _cell(text: str, width: int = 70) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def describe(check: dict[str, Any]) -> str:
