@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import logging
 import os
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -21,6 +22,7 @@ from airflow_provider_raydata.runtime.refs import task_prefix
 from airflow_provider_raydata.runtime.specs import validate_checks, validate_steps
 
 DatasetRefLike = dict[str, Any] | str
+log = logging.getLogger(__name__)
 DASHBOARD_XCOM_KEY = "ray_dashboard_url"
 
 
@@ -323,10 +325,12 @@ def interval_end(context) -> str:
 def previous_rows(ti) -> int | None:
     """Rows in at this task's previous successful run (from its ``quality_report`` XCom)."""
     previous = ti.get_previous_ti(state=TaskInstanceState.SUCCESS)
-    if previous is None:
-        return None
-    report = ti.xcom_pull(task_ids=ti.task_id, key="quality_report", run_id=previous.run_id)
-    return report.get("rows_in") if isinstance(report, dict) else None
+    report = None
+    if previous is not None:
+        report = ti.xcom_pull(task_ids=ti.task_id, key="quality_report", run_id=previous.run_id)
+    rows = report.get("rows_in") if isinstance(report, dict) else None
+    log.info("Previous successful run of %s: %s, rows in: %s", ti.task_id, previous and previous.run_id, rows)
+    return rows
 
 
 class RayDataLoadOperator(RayDataBaseOperator):
