@@ -78,9 +78,10 @@ def run_stage(spec: dict[str, Any], cancelled: Callable[[], bool] = lambda: Fals
         result["load"] = write_destination(ds, spec["destination"], storage, spec["load_id"])
     if stage in ("extract", "transform"):
         result["ref"] = write_output(ds, spec, storage, settings["min_rows_per_file"], cancelled)
+    out = result.get("ref") or {}
     result["metrics"] = {
         "rows_in": rows_in,
-        "rows_out": (result.get("ref") or {}).get("num_rows") or (result.get("load") or {}).get("rows_written"),
+        "rows_out": out["num_rows"] if "num_rows" in out else (result.get("load") or {}).get("rows_written"),
         "seconds": round(time.perf_counter() - started, 3),
     }
     return result
