@@ -217,6 +217,56 @@ def distinct_rows(table: pa.Table) -> pa.Table:
     return table.group_by(table.column_names, use_threads=False).aggregate([]).combine_chunks()
 
 
+def count_distinct_keys(parts: list[pa.Table]) -> int:
+    """Distinct rows over all batches, given each batch's distinct rows.
+
+    A key whose first column lies inside only one batch's [min, max] range cannot occur in any
+    other batch, so only keys in ranges shared by several batches are merged: with ordered keys
+    (ids, timestamps) that is a handful of boundary values; with shuffled keys, all of them.
+    """
+    parts = [p for p in parts if p.num_rows]
+    if not parts:
+        return 0
+    first = parts[0].schema.field(0).type
+    if not (
+        pa.types.is_integer(first)
+        or pa.types.is_string(first)
+        or pa.types.is_large_string(first)
+        or pa.types.is_temporal(first)
+        or pa.types.is_decimal(first)
+    ):  # floats: NaN is outside min/max
+        return distinct_rows(pa.concat_tables(parts, promote_options="permissive")).num_rows
+    bounds = [pc.min_max(p.column(0)) for p in parts]
+    bounds = [(b["min"].as_py(), b["max"].as_py()) for b in bounds]
+    shared = _shared_ranges(bounds)
+    overlapping = []
+    for part, (low, high) in zip(parts, bounds, strict=True):
+        mask = None
+        for start, end in shared:
+            if start <= high and end >= low:
+                inside = pc.and_(pc.greater_equal(part.column(0), start), pc.less_equal(part.column(0), end))
+                mask = inside if mask is None else pc.or_(mask, inside)
+        if mask is not None:
+            overlapping.append(part.filter(mask))
+    if not overlapping:
+        return sum(p.num_rows for p in parts)
+    merged = pa.concat_tables(overlapping, promote_options="permissive")
+    return sum(p.num_rows for p in parts) - merged.num_rows + distinct_rows(merged).num_rows
+
+
+def _shared_ranges(bounds: list[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
+    """The value ranges covered by two or more of the closed ranges ``bounds`` (a sweep)."""
+    events = sorted([(low, 0) for low, _ in bounds] + [(high, 1) for _, high in bounds])  # starts first
+    shared, depth, start = [], 0, None
+    for value, is_end in events:
+        depth += -1 if is_end else 1
+        if depth == 2 and not is_end:
+            start = value
+        elif depth == 1 and is_end:
+            shared.append((start, value))
+    return shared
+
+
 def merge_report(
     checks: list[dict[str, Any]], partials: list[dict], schema: pa.Schema, score_threshold: float | None = None
 ) -> dict[str, Any]:
@@ -277,8 +327,7 @@ def _measure(check: dict[str, Any], parts: list) -> tuple[Any, dict[str, Any]]:
         nulls, rows = sum(p[0] for p in parts), sum(p[1] for p in parts)
         return (nulls if kind == "null_count" else (nulls / rows if rows else 0.0)), {}
     if kind in ("distinct_count", "unique"):
-        keys = pa.concat_tables([p[1] for p in parts], promote_options="permissive") if parts else None
-        distinct = distinct_rows(keys).num_rows if keys is not None else 0
+        distinct = count_distinct_keys([p[1] for p in parts])
         return (distinct if kind == "distinct_count" else sum(p[0] for p in parts) - distinct), {}
     if kind in ("min", "max", "freshness"):
         values = [p[0 if kind == "min" else 1] for p in parts if p[0] is not None]

@@ -218,3 +218,22 @@ def test_two_phase_aggregate_matches_pandas():
         high=("price", "max"),
     )
     pd.testing.assert_frame_equal(got, expected, check_dtype=False, check_names=False)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    keys=st.lists(st.tuples(st.integers(0, 30), st.sampled_from(["a", "b"])), max_size=60),
+    cuts=st.lists(st.integers(0, 60), max_size=5),
+    ordered=st.booleans(),
+)
+def test_distinct_keys_merge_only_shared_ranges_and_stay_exact(keys, cuts, ordered):
+    from airflow_provider_raydata.runtime.checks import count_distinct_keys, distinct_rows
+
+    keys = sorted(keys) if ordered else keys  # ordered keys: batches share only boundary values
+    bounds = sorted({0, len(keys), *(c for c in cuts if c < len(keys))})
+    table = pa.table(
+        {"k": [k for k, _ in keys], "s": [s for _, s in keys]},
+        schema=pa.schema([("k", pa.int64()), ("s", pa.string())]),
+    )
+    parts = [distinct_rows(table.slice(a, b - a)) for a, b in zip(bounds, bounds[1:], strict=False)]
+    assert count_distinct_keys(parts) == len(set(keys))
