@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: install test lint demo bench clean
+.PHONY: install test lint demo bench bench-quality clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -23,6 +23,9 @@ demo: install
 
 bench: install
 	$(PY) benchmarks/daily_pipeline.py
+
+bench-quality: install
+	$(PY) benchmarks/quality_checks.py --scale 1 --repeats 3
 
 clean:
 	rm -rf .demo .bench build *.egg-info

@@ -254,6 +254,7 @@ def run_operators(source: Path, work: Path) -> dict:
         RayDataQualityOperator(
             task_id="quality",
             input=revenue,
+            staging_uri=staging,  # it commits its output and quarantine
             checks=[
                 {"check": "row_count", "min": 1},
                 {"check": "not_null", "column": "revenue"},

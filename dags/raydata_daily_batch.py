@@ -125,6 +125,8 @@ with DAG(
             {"check": "unique", "columns": ["o_orderdate", "c_mktsegment", "n_name"]},
             {"check": "range", "column": "revenue", "min": 0},
             {"check": "accepted_values", "column": "c_mktsegment", "values": SEGMENTS},
+            # within ±50% of the previous successful run's rows; only a warning in the log
+            {"check": "row_count_change", "equal_to": 1, "tolerance": 0.5, "policy": "warn"},
         ],
     )
     load = RayDataLoadOperator(

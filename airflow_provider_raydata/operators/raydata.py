@@ -6,13 +6,16 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import logging
 import os
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from functools import cached_property
 from typing import Any
 
 from airflow.sdk import BaseOperator, BaseOperatorLink
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
+from airflow.utils.state import TaskInstanceState
 
 from airflow_provider_raydata.hooks.ray import RayHook
 from airflow_provider_raydata.hooks.warehouses import (
@@ -26,6 +29,7 @@ from airflow_provider_raydata.runtime.refs import task_prefix
 from airflow_provider_raydata.runtime.specs import validate_checks, validate_destination, validate_steps
 
 DatasetRefLike = dict[str, Any] | str
+log = logging.getLogger(__name__)
 DASHBOARD_XCOM_KEY = "ray_dashboard_url"
 
 
@@ -272,33 +276,90 @@ class RayDataTransformOperator(RayDataBaseOperator):
 
 
 class RayDataQualityOperator(RayDataBaseOperator):
-    """Run data-quality checks in one pass on the cluster; fail the task if any check fails.
+    """Run data-quality checks in one pass on the cluster and set failing rows aside.
 
-    The report goes to XCom under ``quality_report``; the task returns its input reference,
-    so a load can follow the checks.
+    :param input: the upstream reference (``upstream.output``), or a templated URI/JSON.
+    :param checks: check dicts (templated), e.g. ``{"check": "null_fraction", "column": "x",
+        "leq_to": 0.01, "policy": "warn"}``; see ``airflow_provider_raydata.runtime.specs.CHECKS``.
+    :param score_threshold: fail the task when the quality score (the fraction of rows passing
+        every row-level check) is below this.
+
+    Returns the reference of the rows that passed every row-level check (the input reference
+    itself when none failed); pushes the quarantined rows' reference under ``quarantine`` and
+    the report under ``quality_report``. A failed ``fail`` check raises ``AirflowFailException``.
     """
 
     stage = "quality"
+    writes_output = True
     template_fields = (*RayDataBaseOperator.template_fields, "input", "checks")
 
-    def __init__(self, *, input: DatasetRefLike, checks: list[dict[str, Any]], **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        input: DatasetRefLike,
+        checks: list[dict[str, Any]],
+        score_threshold: float | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.input = input
         self.checks = checks
-        validate_checks(checks)
+        self.score_threshold = score_threshold
+        if score_threshold is not None and not 0 <= score_threshold <= 1:
+            raise ValueError(f"{self.task_id}: score_threshold must be between 0 and 1")
+        validate_checks(checks, input.get("schema") if isinstance(input, dict) else None)
 
     def stage_spec(self, context) -> dict[str, Any]:
-        return {"input": self.resolve_input(self.input), "checks": self.checks}
+        source = self.resolve_input(self.input)
+        checks = [self.prepare_check(check, context) for check in self.checks]
+        try:  # after rendering, against the input's schema: before anything reaches the cluster
+            validate_checks(checks, source.get("schema") if isinstance(source, dict) else None)
+        except ValueError as exc:
+            raise AirflowFailException(f"{self.task_id}: {exc}") from None
+        return {"input": source, "checks": checks, "score_threshold": self.score_threshold}
+
+    def prepare_check(self, check: dict[str, Any], context) -> dict[str, Any]:
+        check = dict(check)
+        if check.get("check") == "freshness":
+            check.setdefault("as_of", interval_end(context))
+        elif check.get("check") == "row_count_change" and "previous_rows" not in check:
+            check["previous_rows"] = previous_rows(context["ti"])
+        elif check.get("check") == "referential_integrity":
+            check["ref"] = self.resolve_input(check.get("ref"), "referential_integrity 'ref'")
+        elif check.get("check") == "custom" and "fn" in check:
+            ship_by_value(check["fn"])
+        return check
 
     def handle_result(self, context, result: dict[str, Any]) -> Any:
-        report = result["report"]
-        context["ti"].xcom_push(key="quality_report", value=report)
-        self.log.info("Quality report for %s rows:\n%s", report["num_rows"], format_report(report))
-        failed = [c for c in report["checks"] if not c["passed"]]
+        report, ti = result["report"], context["ti"]
+        ti.xcom_push(key="quality_report", value=report)
+        ti.xcom_push(key="quarantine", value=result["quarantine"])
+        self.log.info("Quality report:\n%s", format_report(report))
+        for check in report["checks"]:
+            if not check["passed"] and check["policy"] == "warn":
+                self.log.warning("Quality check %s failed (policy warn): %s", check["name"], describe(check))
+        failed = [c for c in report["checks"] if not c["passed"] and c["policy"] == "fail"]
         if failed:
-            details = "; ".join(f"{c['name']}: got {c['value']}, expected {c['expected']}" for c in failed)
+            details = "; ".join(f"{c['name']}: {describe(c)}" for c in failed)
             raise AirflowFailException(f"{len(failed)} of {len(report['checks'])} quality checks failed: {details}")
         return result["ref"]
+
+
+def interval_end(context) -> str:
+    """The time freshness is measured against: the data interval's end, else the run's run_after."""
+    end = context.get("data_interval_end") or getattr(context.get("dag_run"), "run_after", None)
+    return (end or datetime.now(UTC)).isoformat()
+
+
+def previous_rows(ti) -> int | None:
+    """Rows in at this task's previous successful run (from its ``quality_report`` XCom)."""
+    previous = ti.get_previous_ti(state=TaskInstanceState.SUCCESS)
+    report = None
+    if previous is not None:
+        report = ti.xcom_pull(task_ids=ti.task_id, key="quality_report", run_id=previous.run_id)
+    rows = report.get("rows_in") if isinstance(report, dict) else None
+    log.info("Previous successful run of %s: %s, rows in: %s", ti.task_id, previous and previous.run_id, rows)
+    return rows
 
 
 class RayDataLoadOperator(RayDataBaseOperator):
@@ -399,10 +460,33 @@ class RayDataLoadOperator(RayDataBaseOperator):
 
 
 def format_report(report: dict[str, Any]) -> str:
-    rows = [("check", "value", "expected", "result")]
-    rows += [(c["name"], str(c["value"]), c["expected"], "PASS" if c["passed"] else "FAIL") for c in report["checks"]]
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)) for r in rows)
+    """The report as a table for the task log."""
+    rows = [("check", "value", "expected", "policy", "result")]
+    for c in report["checks"]:
+        value = f"{c['value']:.6g}" if isinstance(c["value"], float) else str(c["value"])
+        if c.get("failed_rows"):
+            value += f" ({c['failed_rows']} of {c['evaluated_rows']} rows failed)"
+        result = "PASS" if c["passed"] else ("FAIL" if c.get("policy", "fail") == "fail" else "WARN")
+        rows.append((_cell(c["name"]), _cell(value), _cell(c["expected"]), c.get("policy", "fail"), result))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    if "rows_in" in report:
+        lines.append(
+            f"rows in {report['rows_in']} = passed {report['rows_passed']} + quarantined "
+            f"{report['rows_quarantined']}; quality score {report['score']:.4f}"
+        )
+    return "\n".join(lines)
+
+
+def _cell(text: str, width: int = 70) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def describe(check: dict[str, Any]) -> str:
+    text = f"got {check['value']}, expected {check['expected']}"
+    if check.get("examples"):
+        text += f" (e.g. {check['examples']})"
+    return text
 
 
 def ship_by_value(fn: Callable | str) -> None:

@@ -22,10 +22,10 @@ import ray.data
 from ray.data.context import DataContext, ShuffleStrategy
 
 from . import refs
-from .checks import run_checks
+from .checks import quarantine_schema, run_checks, split_batch
 from .sinks import write_destination
 from .sources import read_ref, read_source
-from .storage import exists, filesystem_for
+from .storage import exists, filesystem_for, join_uri
 from .transforms import apply_steps
 
 DEFAULT_TUNING = {
@@ -73,18 +73,68 @@ def run_stage(spec: dict[str, Any], cancelled: Callable[[], bool] = lambda: Fals
     if stage == "transform":
         ds = apply_steps(ds, spec["steps"], storage, rows_hint=rows_in)
     elif stage == "quality":
-        result["report"] = run_checks(ds, spec["checks"])
-        result["ref"] = input_meta
+        result.update(run_quality(ds, input_meta, spec, storage, settings["min_rows_per_file"], cancelled))
     elif stage == "load":
         result["load"] = write_destination(ds, spec["destination"], storage, spec["load_id"])
     if stage in ("extract", "transform"):
         result["ref"] = write_output(ds, spec, storage, settings["min_rows_per_file"], cancelled)
+    out = result.get("ref") or {}
     result["metrics"] = {
         "rows_in": rows_in,
-        "rows_out": (result.get("ref") or {}).get("num_rows") or (result.get("load") or {}).get("rows_written"),
+        "rows_out": out["num_rows"] if "num_rows" in out else (result.get("load") or {}).get("rows_written"),
         "seconds": round(time.perf_counter() - started, 3),
     }
     return result
+
+
+def run_quality(
+    ds: ray.data.Dataset,
+    input_meta: dict,
+    spec: dict,
+    storage: dict | None,
+    min_rows_per_file: int,
+    cancelled: Callable[[], bool] = lambda: False,
+) -> dict:
+    """Measure every check in one pass. Without quarantined rows the output is the input
+    reference itself; otherwise a second pass writes the passing rows to the output and the
+    failing rows to the quarantine. Both are committed references, and rows in always equal
+    rows passed + rows quarantined (verified on the committed files)."""
+    report, checks = run_checks(ds, spec["checks"], storage, spec.get("score_threshold"))
+    schema = ds.schema().base_schema
+    quarantine = refs.new_attempt_uri(join_uri(spec["output_uri"], "quarantine"), spec.get("try_number", 1))
+    fs, path = filesystem_for(quarantine, storage)
+    try:
+        ref = input_meta
+        if report["rows_quarantined"]:
+            passing = ds.map_batches(
+                split_batch,
+                batch_format="pyarrow",
+                batch_size=None,
+                zero_copy_batch=True,
+                fn_kwargs={"checks": checks, "quarantine_uri": quarantine, "storage": storage},
+            )
+            ref = write_output(passing, spec, storage, min_rows_per_file, cancelled, schema=schema)
+        write_empty_if_needed(fs, path, quarantine_schema(schema))
+        quarantine_ref = refs.commit(quarantine, storage, spec.get("produced_by", {}))
+    except BaseException:
+        if exists(fs, path):
+            fs.delete_dir(path)
+        raise
+    if (ref["num_rows"], quarantine_ref["num_rows"]) != (report["rows_passed"], report["rows_quarantined"]):
+        raise RuntimeError(
+            f"quality split does not add up: {report['rows_in']} rows in, {ref['num_rows']} written as passing "
+            f"and {quarantine_ref['num_rows']} as quarantined (expected {report['rows_passed']} and "
+            f"{report['rows_quarantined']}); is a custom check function non-deterministic?"
+        )
+    return {"report": report, "ref": ref, "quarantine": quarantine_ref}
+
+
+def write_empty_if_needed(fs, path: str, schema: pa.Schema) -> None:
+    """An empty result still carries its schema: one empty Parquet file."""
+    if not refs.data_files(fs, path):
+        fs.create_dir(path, recursive=True)
+        with fs.open_output_stream(f"{path}/empty.parquet") as out:
+            pq.write_table(schema.empty_table(), out)
 
 
 def write_output(
@@ -93,18 +143,18 @@ def write_output(
     storage: dict | None,
     min_rows_per_file: int,
     cancelled: Callable[[], bool] = lambda: False,
+    schema: pa.Schema | None = None,
 ) -> dict:
-    """Write to a fresh attempt directory and commit it; never leave a half-written attempt."""
+    """Write to a fresh attempt directory and commit it; never leave a half-written attempt.
+    ``schema``: the schema of an empty result (otherwise asked from ``ds``, which may run part of it)."""
     attempt = refs.new_attempt_uri(spec["output_uri"], spec.get("try_number", 1))
     fs, path = filesystem_for(attempt, storage)
     try:
         ds.write_parquet(path, filesystem=fs, min_rows_per_file=min_rows_per_file)
-        if not refs.data_files(fs, path):  # keep the schema of an empty result
-            schema = ds.schema()
-            empty = schema.base_schema if schema is not None else pa.schema([])
-            fs.create_dir(path, recursive=True)
-            with fs.open_output_stream(f"{path}/empty.parquet") as out:
-                pq.write_table(empty.empty_table(), out)
+        if schema is None and not refs.data_files(fs, path):
+            found = ds.schema()
+            schema = found.base_schema if found is not None else pa.schema([])
+        write_empty_if_needed(fs, path, schema)
         if cancelled():  # the Airflow task was killed while the data was being written
             raise StageCancelled(f"stage {spec.get('stage_id')} was cancelled before its commit")
         return refs.commit(attempt, storage, spec.get("produced_by", {}))

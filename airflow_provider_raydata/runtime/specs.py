@@ -5,9 +5,13 @@ Imports neither Airflow nor Ray, so parsing a DAG stays fast.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
-from .types import arrow_type
+from .expressions import columns_in
+from .types import arrow_type, type_class
 
 AGGREGATE_NAMES = ("sum", "count", "mean", "min", "max", "count_distinct")
 JOIN_TYPES = {"inner": "inner", "left": "left_outer", "outer": "full_outer"}
@@ -68,34 +72,215 @@ def validate_steps(steps: list[dict[str, Any]]) -> None:
             raise ValueError(f"'keep' must be 'first' or 'last' in {where}")
 
 
-CHECK_FIELDS: dict[str, tuple[set[str], set[str]]] = {  # check -> (required, optional)
-    "row_count": (set(), {"min", "max"}),
-    "not_null": ({"column"}, set()),
-    "unique": ({"columns"}, set()),
-    "range": ({"column"}, {"min", "max"}),
-    "accepted_values": ({"column", "values"}, set()),
-    "regex": ({"column", "pattern"}, set()),
+# ---------------------------------------------------------------------------------------------
+# Data-quality checks (see runtime.checks for how they run)
+
+COMPARATORS = {"equal_to": "=", "greater_than": ">", "geq_to": ">=", "less_than": "<", "leq_to": "<="}
+POLICIES = ("fail", "warn")
+ROW, TABLE, SCHEMA = "row", "table", "schema"
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(s|m|h|d)")
+_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+@dataclass(frozen=True)
+class CheckKind:
+    """``level``: ``row`` checks pass or fail each row (failing rows are quarantined); ``table``
+    checks measure one value over the data; ``schema`` compares the columns and their types.
+    ``measures``: what the comparators compare, which decides the values they accept."""
+
+    level: str
+    measures: str | None
+    required: tuple[str, ...] = ()
+    optional: tuple[str, ...] = ()
+    default: dict[str, Any] | None = None  # the expectation when no comparator is given
+    column_types: tuple[str, ...] = ()  # type classes the checked column must have (types.type_class)
+
+
+CHECKS: dict[str, CheckKind] = {
+    "row_count": CheckKind(TABLE, "count", optional=("min", "max")),
+    "row_count_change": CheckKind(TABLE, "ratio", optional=("previous_rows",)),
+    "null_count": CheckKind(TABLE, "count", ("column",), default={"equal_to": 0}),
+    "null_fraction": CheckKind(TABLE, "fraction", ("column",), default={"equal_to": 0}),
+    "distinct_count": CheckKind(TABLE, "count", ("column",)),
+    "unique": CheckKind(TABLE, "count", optional=("column", "columns"), default={"equal_to": 0}),
+    "min": CheckKind(TABLE, "value", ("column",), column_types=("number", "time", "string")),
+    "max": CheckKind(TABLE, "value", ("column",), column_types=("number", "time", "string")),
+    "mean": CheckKind(TABLE, "number", ("column",), column_types=("number",)),
+    "sum": CheckKind(TABLE, "number", ("column",), column_types=("number",)),
+    "freshness": CheckKind(TABLE, "seconds", ("column",), ("as_of",), column_types=("time",)),
+    "schema": CheckKind(SCHEMA, None, ("columns",), ("allow_extra",)),
+    "not_null": CheckKind(ROW, "fraction", ("column",)),
+    "accepted_values": CheckKind(ROW, "fraction", ("column", "values")),
+    "regex": CheckKind(ROW, "fraction", ("column", "pattern"), column_types=("string",)),
+    "range": CheckKind(ROW, "fraction", ("column",), ("min", "max"), column_types=("number", "time", "string")),
+    "string_length": CheckKind(ROW, "fraction", ("column",), ("min", "max"), column_types=("string",)),
+    "predicate": CheckKind(ROW, "fraction", ("expr",)),
+    "custom": CheckKind(ROW, "fraction", ("fn",), ("columns", "batch_format", "fn_kwargs")),
+    "referential_integrity": CheckKind(ROW, "fraction", ("column", "ref"), ("ref_column",)),
 }
+COMMON_FIELDS = ("check", "name", "policy", "where", "tolerance", *COMPARATORS)
 
 
 def check_name(check: dict[str, Any]) -> str:
-    target = check.get("column") or ",".join(check.get("columns") or [])
+    target = check.get("column") or check.get("columns") or check.get("expr") or ""
+    if isinstance(target, (list, tuple)):
+        target = ",".join(target)
+    if isinstance(target, dict):
+        target = ""
     return check.get("name") or (f"{check['check']}({target})" if target else check["check"])
 
 
-def validate_checks(checks: list[dict[str, Any]]) -> None:
+def key_columns(check: dict[str, Any]) -> list[str]:
+    """The key of a ``unique`` check: ``column`` or ``columns`` (a composite key)."""
+    return [check["column"]] if "column" in check else list(check["columns"])
+
+
+def columns_used(check: dict[str, Any]) -> list[str]:
+    """Columns a check reads (a schema check's columns are what it compares, not what it reads)."""
+    names: list[str] = []
+    if check["check"] != "schema":
+        names += [check["column"]] if "column" in check else list(check.get("columns") or [])
+    for field in ("expr", "where"):
+        if isinstance(check.get(field), str) and not _templated(check[field]):
+            names += sorted(columns_in(check[field]))
+    return list(dict.fromkeys(names))
+
+
+def expectation(check: dict[str, Any]) -> dict[str, Any]:
+    """The comparators a check's measured value must satisfy (defaults and aliases applied)."""
+    kind = CHECKS[check["check"]]
+    found = {k: check[k] for k in COMPARATORS if k in check}
+    if check["check"] == "row_count":  # min/max: the check's original bounds
+        found.update({alias: check[key] for key, alias in (("min", "geq_to"), ("max", "leq_to")) if key in check})
+    if not found:
+        found = dict(kind.default or ({"equal_to": 1} if kind.level == ROW else {}))
+    if kind.measures == "seconds":
+        found = {k: duration_seconds(v) for k, v in found.items()}
+    return found
+
+
+def duration_seconds(value: float | int | str) -> float:
+    """Seconds from a number or a duration such as ``"90s"``, ``"30m"``, ``"36h"``, ``"2d"``."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    match = _DURATION.fullmatch(str(value).strip())
+    if not match:
+        raise ValueError(f"Not a duration: {value!r}; use seconds or e.g. '30m', '36h', '2d'")
+    return float(match[1]) * _SECONDS[match[2]]
+
+
+def validate_checks(checks: list[dict[str, Any]], schema: Mapping[str, str] | None = None) -> None:
+    """Check names, fields and comparators without data (DAG parse time); with ``schema``
+    (column -> Arrow type name) also the columns each check reads and their types."""
+    if not isinstance(checks, (list, tuple)) or not checks:
+        raise ValueError("checks must be a non-empty list of check dicts")
+    names: set[str] = set()
     for index, check in enumerate(checks, 1):
-        kind = check.get("check") if isinstance(check, dict) else None
-        if kind not in CHECK_FIELDS:
-            raise ValueError(f"Unknown check {kind!r} at position {index}; known: {', '.join(CHECK_FIELDS)}")
-        required, optional = CHECK_FIELDS[kind]
-        missing = required - set(check)
-        extra = set(check) - required - optional - {"check", "name"}
-        if missing or extra:
-            problem = f"missing {sorted(missing)}" if missing else f"unknown field(s) {sorted(extra)}"
-            raise ValueError(f"Check {index} ({kind}): {problem}")
-        if kind in ("row_count", "range") and "min" not in check and "max" not in check:
-            raise ValueError(f"Check {index} ({kind}) needs 'min', 'max' or both")
+        kind_name = check.get("check") if isinstance(check, dict) else None
+        if kind_name not in CHECKS:
+            raise ValueError(f"Unknown check {kind_name!r} at position {index}; known: {', '.join(CHECKS)}")
+        where = f"Check {index} ({check_name(check)})"
+        _validate_fields(check, CHECKS[kind_name], where)
+        name = check_name(check)
+        if name in names:
+            raise ValueError(f"{where}: another check has the same name; give one of them a 'name'")
+        names.add(name)
+        if schema is not None:
+            _validate_columns(check, CHECKS[kind_name], schema, where)
+
+
+def _validate_fields(check: dict[str, Any], kind: CheckKind, where: str) -> None:
+    allowed = {*COMMON_FIELDS, *kind.required, *kind.optional, *(("quarantine",) if kind.level == ROW else ())}
+    missing = [f for f in kind.required if f not in check]
+    extra = sorted(set(check) - allowed)
+    if missing or extra:
+        raise ValueError(f"{where}: " + (f"missing {missing}" if missing else f"unknown field(s) {extra}"))
+    if check.get("policy", "fail") not in POLICIES:
+        raise ValueError(f"{where}: policy must be one of {', '.join(POLICIES)}, not {check['policy']!r}")
+    name = check["check"]
+    if name == "unique" and ("column" in check) == ("columns" in check):
+        raise ValueError(f"{where}: give 'column' or 'columns' (a composite key), one of them")
+    if name in ("range", "string_length") and "min" not in check and "max" not in check:
+        raise ValueError(f"{where} needs 'min', 'max' or both")
+    if name in ("range", "string_length") and _is_number(check.get("min")) and _is_number(check.get("max")):
+        if check["min"] > check["max"]:
+            raise ValueError(f"{where}: 'min' {check['min']} is above 'max' {check['max']}")
+    if name == "schema":
+        if not isinstance(check["columns"], dict) or not check["columns"]:
+            raise ValueError(f"{where}: 'columns' must map column names to Arrow types")
+        for type_name in check["columns"].values():
+            arrow_type(type_name)
+    if name == "accepted_values" and not isinstance(check["values"], (list, tuple)):
+        raise ValueError(f"{where}: 'values' must be a list")
+    if name == "custom" and not (callable(check["fn"]) or ":" in str(check["fn"])):
+        raise ValueError(f"{where}: 'fn' must be a callable or 'package.module:function'")
+    for field in ("expr", "where"):
+        if field in check and not _templated(str(check[field])):
+            columns_in(check[field])  # raises on a syntax error
+    _validate_comparators(check, kind, where)
+
+
+def _validate_comparators(check: dict[str, Any], kind: CheckKind, where: str) -> None:
+    given = [k for k in (*COMPARATORS, "tolerance") if k in check]
+    if kind.level == SCHEMA:
+        if given:
+            raise ValueError(f"{where}: {given[0]!r} does not apply to a schema check")
+        return
+    if any(_templated(check[k]) for k in given):
+        return  # checked again once rendered
+    try:
+        comparators = expectation(check)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+    if not comparators:
+        raise ValueError(f"{where} needs a comparator: one of {', '.join(COMPARATORS)}")
+    if check["check"] == "row_count" and ("min" in check or "max" in check) and given:
+        raise ValueError(f"{where}: use either min/max or comparators, not both")
+    for op, value in comparators.items():
+        problem = _comparator_problem(kind.measures, value)
+        if problem:
+            raise ValueError(f"{where}: {op} {value!r} does not apply: {check['check']} measures {problem}")
+    if "tolerance" in check:
+        tolerance = check["tolerance"]
+        if not _is_number(tolerance) or tolerance < 0:
+            raise ValueError(f"{where}: tolerance must be a number >= 0 (a fraction of the expected value)")
+        if not all(_is_number(v) for v in comparators.values()):
+            raise ValueError(f"{where}: tolerance applies to numeric comparators only")
+
+
+def _comparator_problem(measures: str | None, value: Any) -> str | None:
+    if measures == "value":
+        return None if _is_number(value) or isinstance(value, str) else "a column value (a number or a date string)"
+    if measures == "seconds":
+        return None  # already converted by duration_seconds
+    if not _is_number(value):
+        return {"number": "a number", "ratio": "a ratio (rows / previous rows)"}.get(measures, f"a {measures}")
+    if measures == "fraction" and not 0 <= value <= 1:
+        return "a fraction of rows between 0 and 1"
+    if measures in ("count", "ratio") and value < 0:
+        return f"a {measures} (>= 0)"
+    return None
+
+
+def _validate_columns(check: dict[str, Any], kind: CheckKind, schema: Mapping[str, str], where: str) -> None:
+    for column in columns_used(check):
+        if column not in schema:
+            raise ValueError(f"Unknown column {column!r} in {where}; available columns: {', '.join(schema)}")
+    if kind.column_types and "column" in check:
+        found = type_class(schema[check["column"]])
+        if found not in kind.column_types:
+            raise ValueError(
+                f"{where}: column {check['column']!r} has type {schema[check['column']]}; "
+                f"{check['check']} applies to {' or '.join(kind.column_types)} columns"
+            )
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _templated(value: Any) -> bool:
+    return isinstance(value, str) and "{{" in value
 
 
 DESTINATION_MODES = {

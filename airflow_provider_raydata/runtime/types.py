@@ -39,3 +39,15 @@ def check_columns(wanted, available, where: str) -> None:
     missing = [c for c in wanted if c not in available]
     if missing:
         raise ValueError(f"Unknown column {missing[0]!r} in {where}; available columns: {', '.join(available)}")
+
+
+def type_class(type_name: str) -> str:
+    """``number``, ``string``, ``time``, ``bool`` or ``other`` for an Arrow type name (``str(type)``)."""
+    name = type_name.strip().lower()
+    if name.startswith(("int", "uint", "float", "double", "halffloat", "decimal")):
+        return "number"
+    if name in ("string", "large_string", "string_view", "utf8", "large_utf8"):
+        return "string"
+    if name.startswith(("date", "timestamp")):
+        return "time"
+    return "bool" if name in ("bool", "boolean") else "other"

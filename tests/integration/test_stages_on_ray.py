@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+from datetime import datetime
+from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
@@ -17,7 +20,9 @@ from airflow_provider_raydata.operators import (
     RayDataQualityOperator,
     RayDataTransformOperator,
 )
-from tests.helpers import run_operator
+from airflow_provider_raydata.runtime import refs
+from tests import quality_data
+from tests.helpers import FakeTaskInstance, run_operator
 
 pytestmark = pytest.mark.integration
 
@@ -108,7 +113,6 @@ def test_transform_user_function_and_steps_match_pandas(ray_conn, table, source,
     root, frame = table
     dim = pd.DataFrame({"group": [f"g{i}" for i in range(5)], "label": [f"L{i}" for i in range(5)]})
     dim_path = f"{staging}-dim"
-    import os
 
     os.makedirs(dim_path)
     pq.write_table(pa.Table.from_pandas(dim, preserve_index=False), f"{dim_path}/dim.parquet")
@@ -169,11 +173,12 @@ def test_select_rename_cast_dedupe_and_outer_join(ray_conn, table, source, stagi
     assert len(out) == len(last_per_group) + len(set(range(1, 11)) - set(last_per_group["id"]))
 
 
-def test_quality_passes_input_on_and_reports(ray_conn, source):
+def test_quality_passes_input_on_and_reports(ray_conn, source, staging):
     ref, ti = run_operator(
         RayDataQualityOperator(
             task_id="quality",
             input=source,
+            staging_uri=staging,
             checks=[
                 {"check": "row_count", "min": 1000, "max": 1000},
                 {"check": "unique", "columns": ["id"]},
@@ -181,31 +186,64 @@ def test_quality_passes_input_on_and_reports(ray_conn, source):
                 {"check": "range", "column": "price", "min": 0, "max": 96},
                 {"check": "accepted_values", "column": "group", "values": [f"g{i}" for i in range(7)]},
                 {"check": "regex", "column": "group", "pattern": "^g[0-9]$"},
+                {"check": "mean", "column": "price", "equal_to": 47, "tolerance": 0.01},
             ],
         )
     )
-    assert ref["uri"] == source["uri"]
+    assert ref == source  # nothing quarantined: the input reference itself, no copy
     report = ti.xcoms["quality_report"]
-    assert report["passed"] and report["num_rows"] == 1000 and len(report["checks"]) == 6
+    assert report["passed"] and report["num_rows"] == 1000 and len(report["checks"]) == 7
+    quarantine = ti.xcoms["quarantine"]
+    assert quarantine["num_rows"] == 0 and os.path.exists(f"{quarantine['uri']}/_SUCCESS")
+    assert quarantine["schema"]["_failed_checks"] == "list<element: string>"
 
 
-def test_quality_failure_lists_every_failed_check(ray_conn, source):
+@pytest.fixture
+def planted_refs(tmp_path):
+    """The planted-defects dataset and its customer dimension as committed references."""
+
+    def committed(table, name):
+        uri = refs.new_attempt_uri(str(tmp_path / name), 1)
+        os.makedirs(uri)
+        pq.write_table(table.slice(0, 400), f"{uri}/part-0.parquet")
+        pq.write_table(table.slice(400), f"{uri}/part-1.parquet")
+        return refs.commit(uri, None, {})
+
+    return committed(quality_data.planted_table(), "planted"), committed(quality_data.customers_table(), "customers")
+
+
+def test_quality_on_planted_defects_quarantines_and_fails_listing_every_check(ray_conn, planted_refs, staging):
+    planted, customers = planted_refs
     op = RayDataQualityOperator(
         task_id="quality",
-        input=source,
-        checks=[
-            {"check": "unique", "columns": ["group"]},
-            {"check": "range", "column": "price", "max": 50},
-            {"check": "accepted_values", "column": "group", "values": ["g0"]},
-            {"check": "row_count", "min": 1},
-        ],
+        input=planted,
+        staging_uri=staging,
+        checks=quality_data.planted_checks(customers),
+        score_threshold=quality_data.SCORE_THRESHOLD,
     )
+    ti = FakeTaskInstance(task_id="quality", previous_xcoms={"quality_report": {"rows_in": 800}})
     with pytest.raises(AirflowFailException) as failure:
-        run_operator(op)
+        op.execute({"ti": ti, "data_interval_end": datetime.fromisoformat(quality_data.AS_OF)})
+
+    failed = [name for name, (_, ok) in quality_data.EXPECTED.items() if not ok and name not in quality_data.WARN]
     message = str(failure.value)
-    assert "3 of 4 quality checks failed" in message
-    assert f"unique(group): got {1000 - 7}" in message
-    assert "range(price)" in message and "accepted_values(group)" in message
+    assert message.startswith(f"{len(failed)} of {len(quality_data.EXPECTED)} quality checks failed: ")
+    assert all(f"{name}: got" in message for name in failed)
+    assert "unique(id): got 3, expected = 0 duplicates" in message
+
+    report = ti.xcoms["quality_report"]  # pushed before the task failed
+    got = {c["name"]: (c["value"], c["passed"]) for c in report["checks"]}
+    for name, (value, passed) in quality_data.EXPECTED.items():
+        assert got[name] == ((pytest.approx(value) if isinstance(value, float) else value), passed), name
+    assert (report["rows_in"], report["rows_passed"], report["rows_quarantined"]) == (1000, 971, 29)
+
+    quarantine = ti.xcoms["quarantine"]
+    bad = pq.read_table(quarantine["uri"])
+    assert quarantine["num_rows"] == 29
+    assert dict(zip(bad["row"].to_pylist(), bad["_failed_checks"].to_pylist(), strict=True)) == quality_data.QUARANTINED
+    (passing,) = [p.parent for p in Path(staging).glob("**/quality/attempt-*/_SUCCESS")]
+    rows = pq.read_table(passing).column("row").to_pylist()
+    assert sorted(rows) == sorted(set(range(1000)) - set(quality_data.QUARANTINED))
 
 
 def test_load_modes_never_duplicate_a_rerun(ray_conn, source, tmp_path):
@@ -245,7 +283,6 @@ def test_unknown_column_in_step_is_named(ray_conn, source, staging):
     )
     with pytest.raises(AirflowException, match="Unknown column 'nope' in step 1 \\(select\\)"):
         run_operator(op)
-    from pathlib import Path
 
     assert not list(Path(staging).glob("**/bad/attempt-*"))  # the failed attempt left nothing
 
@@ -273,6 +310,5 @@ def test_rerun_replaces_the_previous_attempt(ray_conn, table, staging):
     second, _ = run_operator(
         RayDataExtractOperator(task_id="extract", staging_uri=staging, source=str(root)), try_number=2
     )
-    import os
 
     assert not os.path.exists(first["uri"]) and os.path.exists(f"{second['uri']}/_SUCCESS")
