@@ -213,7 +213,12 @@ def _table_part(table: pa.Table, check: dict[str, Any]) -> Any:
 def distinct_rows(table: pa.Table) -> pa.Table:
     """The distinct rows of a table. One thread: faster here than pyarrow's threaded hash
     aggregation, and a Ray task has one CPU anyway. Compacted: the group-by's output chunks
-    keep oversized buffers that would otherwise be pickled whole."""
+    keep oversized buffers that would otherwise be pickled whole. -0.0 and 0.0 are one value (as
+    in SQL and pandas): adding 0.0 turns -0.0 into 0.0 before the bitwise hash."""
+    floats = [i for i, field in enumerate(table.schema) if pa.types.is_floating(field.type)]
+    for i in floats:
+        column = table.column(i)
+        table = table.set_column(i, table.field(i), pc.add(column, pa.scalar(0.0, column.type)))
     return table.group_by(table.column_names, use_threads=False).aggregate([]).combine_chunks()
 
 
