@@ -24,6 +24,8 @@ DEFAULT_CLIENT_PORT = 10001
 DEFAULT_CONNECT_TIMEOUT = 30.0
 # A new client that connects right after another one disconnected is sometimes refused with
 # "Initialization failure from server" (measured: 2 in 40): retry a few times.
+# The session handshake after the probe may take this many connect_timeouts before it is abandoned.
+HANDSHAKE_TIMEOUT_FACTOR = 4
 TRANSIENT_CONNECT_ERRORS = ("Initialization failure from server", "ray client connection timeout")
 
 
@@ -135,7 +137,9 @@ class RayHook(BaseHook):
                 )
             yield  # the embedded Ray lives as long as this process: later stages reuse it
             return
-        if ray.is_initialized():
+        from ray.util.client import ray as ray_client
+
+        if ray.is_initialized() or ray_client.is_connected():
             ray.shutdown()
         self._connect_client(settings)
         try:
@@ -155,7 +159,9 @@ class RayHook(BaseHook):
             kwargs["_metadata"] = [("authorization", f"Bearer {settings.auth_token}")]
         for attempt in range(1, self.connect_attempts + 1):
             try:
-                _bounded(lambda: ray.init(settings.address, **kwargs), self.connect_timeout, settings.address)
+                # Generous: a new client server process starts per session (seconds on a busy head).
+                handshake = HANDSHAKE_TIMEOUT_FACTOR * self.connect_timeout
+                _bounded(lambda: ray.init(settings.address, **kwargs), handshake, settings.address, ray.shutdown)
                 return
             except Exception as error:  # noqa: BLE001 - classified below
                 message = _redact(str(error), settings)
@@ -327,15 +333,19 @@ def settings_from_connection(
     )
 
 
-def _bounded(call, timeout: float, address: str | None) -> None:
+def _bounded(call, timeout: float, address: str | None, undo) -> None:
     """Run ``call`` with a deadline. The Ray Client's session handshake has none of its own: seen
-    here, a client server that never answered kept ``ray.init`` waiting forever."""
+    here, a client server that never answered kept ``ray.init`` waiting forever. A handshake that
+    completes after the deadline is undone, so the next connect starts clean."""
     outcome: dict[str, BaseException | None] = {}
+    abandoned = threading.Event()
 
     def target() -> None:
         try:
             call()
             outcome["error"] = None
+            if abandoned.is_set():
+                undo()
         except BaseException as error:  # noqa: BLE001 - re-raised in the caller's thread
             outcome["error"] = error
 
@@ -343,7 +353,9 @@ def _bounded(call, timeout: float, address: str | None) -> None:
     thread.start()
     thread.join(timeout)
     if thread.is_alive():
-        raise AirflowException(f"The Ray Client session to {address} did not start within {timeout:g}s")
+        abandoned.set()
+        if "error" not in outcome:
+            raise AirflowException(f"The Ray Client session to {address} did not start within {timeout:g}s")
     if outcome["error"] is not None:
         raise outcome["error"]
 
