@@ -26,7 +26,8 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 from ray.data.datasource import Datasink
 
-PG_MODES = ("append", "overwrite", "replace_partition", "upsert")
+from .specs import load_columns
+
 LEDGER = "_raydata_loads"
 STAGING_PREFIX = "_raydata_"
 COPY_ROWS_PER_TASK = 500_000
@@ -221,21 +222,11 @@ def drop_staging_tables(cur, schema: str, load_id: str) -> None:
 def stage_load(ds, destination: dict[str, Any], load_id: str) -> dict[str, Any]:
     """COPY the dataset into a new staging table in parallel; return the plan for ``publish``."""
     sql = _sql()
-    mode = destination.get("mode", "append")
-    if mode not in PG_MODES:
-        raise ValueError(f"Unknown mode {mode!r} for a PostgreSQL destination; use {', '.join(PG_MODES)}")
     schema_name, table = table_parts(destination["table"])
-    keys = list(destination.get("keys") or [])
-    partition_by = list(destination.get("partition_by") or [])
     arrow_schema = ds.schema()
     arrow_schema = arrow_schema.base_schema if arrow_schema is not None else pa.schema([])
     columns = arrow_schema.names
-    needed = {"upsert": keys, "replace_partition": partition_by}.get(mode)
-    if needed == []:
-        raise ValueError(f"mode {mode!r} needs {'keys' if mode == 'upsert' else 'partition_by'}")
-    for column in [*keys, *partition_by, *[c for c in (destination.get("sequence_by"),) if c]]:
-        if column not in columns:
-            raise ValueError(f"Unknown column {column!r} for {mode}; dataset columns: {', '.join(columns)}")
+    mode, keys, partition_by = load_columns(destination, columns)
     target = sql.Identifier(schema_name, table)
     staging_name = f"{STAGING_PREFIX}{load_id}_{uuid.uuid4().hex[:8]}"
     staging = sql.Identifier(schema_name, staging_name)

@@ -30,7 +30,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from ray.data.datasource import Datasink, Datasource, ReadTask
 
-SF_MODES = ("append", "overwrite", "replace_partition", "upsert")
+from .specs import load_columns
+
 LEDGER = "_raydata_loads"
 STAGE = "_raydata_stage"
 STAGING_PREFIX = "_raydata_"
@@ -207,22 +208,12 @@ def drop_staging_tables(cur, database: str, schema: str, load_id: str) -> None:
 
 def stage_load(ds, destination: dict[str, Any], load_id: str) -> dict[str, Any]:
     """PUT the dataset as Parquet files on an internal stage and COPY them into a staging table."""
-    mode = destination.get("mode", "append")
-    if mode not in SF_MODES:
-        raise ValueError(f"Unknown mode {mode!r} for a Snowflake destination; use {', '.join(SF_MODES)}")
     params = destination["conn"]
     database, schema, table = table_parts(destination["table"], params)
-    keys = list(destination.get("keys") or [])
-    partition_by = list(destination.get("partition_by") or [])
     arrow_schema = ds.schema()
     arrow_schema = arrow_schema.base_schema if arrow_schema is not None else pa.schema([])
     columns = arrow_schema.names
-    needed = {"upsert": keys, "replace_partition": partition_by}.get(mode)
-    if needed == []:
-        raise ValueError(f"mode {mode!r} needs {'keys' if mode == 'upsert' else 'partition_by'}")
-    for column in [*keys, *partition_by, *[c for c in (destination.get("sequence_by"),) if c]]:
-        if column not in columns:
-            raise ValueError(f"Unknown column {column!r} for {mode}; dataset columns: {', '.join(columns)}")
+    mode, keys, partition_by = load_columns(destination, columns)
     if len({c.upper() for c in columns}) != len(columns):  # COPY matches Parquet columns case-insensitively
         raise ValueError(f"Columns that differ only by case cannot be loaded into Snowflake: {columns}")
     token = uuid.uuid4().hex[:8]

@@ -309,3 +309,16 @@ def validate_destination(destination: dict[str, Any]) -> None:
         raise ValueError(
             "a bigquery replace_partition needs 'partition': the partition to replace, e.g. '{{ ds_nodash }}'"
         )
+
+
+def load_columns(destination: dict[str, Any], columns: list[str]) -> tuple[str, list[str], list[str]]:
+    """A load's mode, keys and partition columns, checked against the dataset's columns (on the cluster)."""
+    validate_destination(destination)
+    mode = destination.get("mode", "append")
+    keys = list(destination.get("keys") or [])
+    partition_by = list(destination.get("partition_by") or [])
+    sequence = [destination["sequence_by"]] if destination.get("sequence_by") else []
+    for column in [*keys, *partition_by, *sequence]:
+        if column not in columns:
+            raise ValueError(f"Unknown column {column!r} for {mode}; dataset columns: {', '.join(columns)}")
+    return mode, keys, partition_by
