@@ -11,6 +11,8 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -26,6 +28,7 @@ DEFAULT_CONNECT_TIMEOUT = 30.0
 # "Initialization failure from server" (measured: 2 in 40): retry a few times.
 # The session handshake after the probe may take this many connect_timeouts before it is abandoned.
 HANDSHAKE_TIMEOUT_FACTOR = 4
+CANCEL_TIMEOUT = 40  # the executor waits up to 30 s for the stage's process to end
 TRANSIENT_CONNECT_ERRORS = ("Initialization failure from server", "ray client connection timeout")
 
 
@@ -118,13 +121,15 @@ class RayHook(BaseHook):
 
     @contextmanager
     def connect(self) -> Iterator[None]:
-        """A Ray session for one stage; Ray Client sessions are closed again afterwards."""
+        """A Ray session for a stage. A Ray Client session stays open for the next stage on the
+        same cluster in this process (a new session costs seconds); another cluster replaces it."""
         import ray
 
         settings = self.settings
         if settings.embedded:
             if ray.is_initialized() and not _is_embedded(ray):
                 ray.shutdown()
+                _client_session.clear()
             if not ray.is_initialized():
                 # An explicit auth mode: a local ray.init() otherwise turns token auth on and
                 # writes ~/.ray/auth_token, which later `ray start --head` clusters then require.
@@ -139,18 +144,19 @@ class RayHook(BaseHook):
             return
         from ray.util.client import ray as ray_client
 
-        if ray.is_initialized() or ray_client.is_connected():
-            ray.shutdown()
-        self._connect_client(settings)
-        try:
-            yield
-        finally:
-            ray.shutdown()
+        probe_cluster(settings, self.connect_timeout)  # bounded: unreachable or bad token fail here
+        key = _session_key(settings)
+        if not (ray_client.is_connected() and _client_session.get("key") == key):
+            if ray.is_initialized() or ray_client.is_connected():
+                ray.shutdown()
+            _client_session.clear()
+            self._connect_client(settings)
+            _client_session["key"] = key
+        yield
 
     def _connect_client(self, settings: ClusterSettings) -> None:
         import ray
 
-        probe_cluster(settings, self.connect_timeout)  # bounded: unreachable or bad token fail here
         # Streaming worker logs back costs the client server a second Ray connection (~4 s here).
         kwargs: dict[str, Any] = {"namespace": settings.namespace, "log_to_driver": settings.log_to_driver}
         if settings.runtime_env:
@@ -180,26 +186,32 @@ class RayHook(BaseHook):
     def run_stage(self, spec: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
         """Run one stage on the cluster and return its small result dict."""
         import ray
-        from ray.exceptions import GetTimeoutError, RayError, RayTaskError
+        from ray.exceptions import RayError, RayTaskError
 
         spec = {**spec, "stage_id": spec.get("stage_id") or uuid.uuid4().hex}
         with self.connect():
             self._executor = self.stage_executor()
-            self._running = self._executor.run.remote(spec)
             self._stage_id = spec["stage_id"]
+            self._running = self._executor.run.remote(spec)
+            # Wait in a helper thread: the main thread then holds no Ray Client lock when
+            # Airflow's SIGTERM handler calls on_kill -> cancel() on it.
+            waiter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raydata-stage")
             try:
-                return ray.get(self._running, timeout=timeout)
-            except GetTimeoutError:
+                return waiter.submit(ray.get, self._running).result(timeout=timeout)
+            except FutureTimeout:
                 self.cancel()
+                drop_client_session()
                 raise AirflowException(f"Stage did not finish within {timeout}s on {self.settings.where}") from None
             except RayTaskError as exc:
                 self.log.error("Stage failed on %s:\n%s", self.settings.where, exc)
                 raise AirflowException(f"Stage failed on {self.settings.where}: {root_cause(exc)}") from None
             except (RayError, ConnectionError) as exc:
+                drop_client_session()  # a dropped connection: the next stage starts a new session
                 raise AirflowException(
                     f"Lost the stage on {self.settings.where}: {type(exc).__name__}: {exc}"
                 ) from None
             finally:
+                waiter.shutdown(wait=False)
                 self._running = None
 
     def stage_executor(self):
@@ -252,12 +264,19 @@ class RayHook(BaseHook):
         raise AirflowException(f"The stage executor job {job_id} on {self.settings.where} did not start in time")
 
     def cancel(self) -> None:
-        """Cancel the running stage (``on_kill``): it is interrupted and never commits."""
-        if self._running is not None:
-            import ray
+        """Cancel the running stage (``on_kill``): the executor force-cancels the stage's Ray task
+        (``ray.cancel``), which kills its process before anything is committed."""
+        if self._running is None:
+            return
+        import ray
 
-            self._executor.cancel.remote(self._stage_id)
-            ray.cancel(self._running)
+        stopped = ray.get(self._executor.cancel.remote(self._stage_id), timeout=CANCEL_TIMEOUT)
+        self.log.warning(
+            "Cancelled stage %s on %s (%s)",
+            self._stage_id,
+            self.settings.where,
+            "stopped" if stopped else "it had already ended",
+        )
 
 
 def probe_cluster(settings: ClusterSettings, timeout: float) -> None:
@@ -379,6 +398,23 @@ def root_cause(exc: BaseException) -> str:
 
 
 _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Invalid|Interrupt)(\(\w+\))?: ")
+
+
+# The Ray Client session of this process: which cluster and settings it was opened with.
+_client_session: dict[str, str] = {}
+
+
+def drop_client_session() -> None:
+    import ray
+
+    ray.shutdown()
+    _client_session.clear()
+
+
+def _session_key(settings: ClusterSettings) -> str:
+    token = hashlib.sha256((settings.auth_token or "").encode()).hexdigest()
+    env = json.dumps(settings.runtime_env, sort_keys=True)
+    return f"{settings.address}|{settings.namespace}|{env}|{settings.log_to_driver}|{token}"
 
 
 def _is_embedded(ray_module) -> bool:

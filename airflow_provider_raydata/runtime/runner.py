@@ -12,7 +12,6 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
 from typing import Any
 
 import pyarrow as pa
@@ -54,11 +53,7 @@ def configure(tuning: dict[str, Any] | None) -> dict[str, Any]:
     return settings
 
 
-class StageCancelled(RuntimeError):
-    pass
-
-
-def run_stage(spec: dict[str, Any], cancelled: Callable[[], bool] = lambda: False) -> dict[str, Any]:
+def run_stage(spec: dict[str, Any]) -> dict[str, Any]:
     started = time.perf_counter()
     settings = configure(spec.get("tuning"))
     stage, storage = spec["stage"], spec.get("storage")
@@ -73,11 +68,11 @@ def run_stage(spec: dict[str, Any], cancelled: Callable[[], bool] = lambda: Fals
     if stage == "transform":
         ds = apply_steps(ds, spec["steps"], storage, rows_hint=rows_in)
     elif stage == "quality":
-        result.update(run_quality(ds, input_meta, spec, storage, settings["min_rows_per_file"], cancelled))
+        result.update(run_quality(ds, input_meta, spec, storage, settings["min_rows_per_file"]))
     elif stage == "load":
         result["load"] = write_destination(ds, spec["destination"], storage, spec["load_id"])
     if stage in ("extract", "transform"):
-        result["ref"] = write_output(ds, spec, storage, settings["min_rows_per_file"], cancelled)
+        result["ref"] = write_output(ds, spec, storage, settings["min_rows_per_file"])
     out = result.get("ref") or {}
     result["metrics"] = {
         "rows_in": rows_in,
@@ -93,7 +88,6 @@ def run_quality(
     spec: dict,
     storage: dict | None,
     min_rows_per_file: int,
-    cancelled: Callable[[], bool] = lambda: False,
 ) -> dict:
     """Measure every check in one pass. Without quarantined rows the output is the input
     reference itself; otherwise a second pass writes the passing rows to the output and the
@@ -113,7 +107,7 @@ def run_quality(
                 zero_copy_batch=True,
                 fn_kwargs={"checks": checks, "quarantine_uri": quarantine, "storage": storage},
             )
-            ref = write_output(passing, spec, storage, min_rows_per_file, cancelled, schema=schema)
+            ref = write_output(passing, spec, storage, min_rows_per_file, schema=schema)
         write_empty_if_needed(fs, path, quarantine_schema(schema))
         quarantine_ref = refs.commit(quarantine, storage, spec.get("produced_by", {}))
     except BaseException:
@@ -142,7 +136,6 @@ def write_output(
     spec: dict,
     storage: dict | None,
     min_rows_per_file: int,
-    cancelled: Callable[[], bool] = lambda: False,
     schema: pa.Schema | None = None,
 ) -> dict:
     """Write to a fresh attempt directory and commit it; never leave a half-written attempt.
@@ -155,8 +148,6 @@ def write_output(
             found = ds.schema()
             schema = found.base_schema if found is not None else pa.schema([])
         write_empty_if_needed(fs, path, schema)
-        if cancelled():  # the Airflow task was killed while the data was being written
-            raise StageCancelled(f"stage {spec.get('stage_id')} was cancelled before its commit")
         return refs.commit(attempt, storage, spec.get("produced_by", {}))
     except BaseException:
         if exists(fs, path):
