@@ -48,6 +48,9 @@ def running_head(env: dict[str, str] | None = None):
     except ServiceUnavailable as exc:
         unavailable(str(exc))
     yield head
+    from airflow_provider_raydata.hooks.ray import drop_client_session
+
+    drop_client_session()  # operators keep their Ray Client session open between stages
     head.stop()
     shutil.rmtree(head.temp_dir, ignore_errors=True)
 

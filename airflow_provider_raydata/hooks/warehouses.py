@@ -104,6 +104,21 @@ def resolve_connection(spec: dict[str, Any]) -> dict[str, Any]:
     return resolved
 
 
+def postgres_watermark(conn_id: str, table: str, column: str) -> Any:
+    """The newest ``column`` value in ``table`` (None when the table is absent or empty)."""
+    from psycopg import sql
+
+    from airflow_provider_raydata.runtime.postgres import table_parts
+
+    schema, name = table_parts(table)
+    with postgres_hook(conn_id).get_conn() as conn, conn.cursor() as cur:
+        cur.execute("SELECT to_regclass(%s)", [sql.Identifier(schema, name).as_string(conn)])
+        if cur.fetchone()[0] is None:
+            return None
+        cur.execute(sql.SQL("SELECT max({}) FROM {}").format(sql.Identifier(column), sql.Identifier(schema, name)))
+        return cur.fetchone()[0]
+
+
 def publish_postgres(conn_id: str, plan: dict[str, Any]) -> dict[str, Any]:
     """Run the load's publish transaction through PostgresHook's own connection."""
     from airflow_provider_raydata.runtime.postgres import drop_staging_tables, publish

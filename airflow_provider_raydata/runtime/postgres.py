@@ -105,14 +105,31 @@ def read_postgres(source: dict[str, Any], storage: dict | None):
 
 
 def source_query(source: dict[str, Any]) -> tuple[str, Any]:
-    """The query text and its bound parameters; a ``table`` becomes a quoted SELECT."""
+    """The query text and its bound parameters; a ``table`` becomes a quoted SELECT. An incremental
+    ``window`` wraps it in ``WHERE start <= column < end``, its bounds bound as parameters too."""
     sql = _sql()
     if bool(source.get("query")) == bool(source.get("table")):
         raise ValueError("A PostgreSQL source needs exactly one of 'query' or 'table'")
     if source.get("table"):
         schema, table = table_parts(source["table"])
-        return sql.SQL("SELECT * FROM {}").format(sql.Identifier(schema, table)).as_string(), None
-    return source["query"], source.get("parameters") or None
+        query, params = sql.SQL("SELECT * FROM {}").format(sql.Identifier(schema, table)).as_string(), None
+    else:
+        query, params = source["query"], source.get("parameters") or None
+    window = source.get("window")
+    if not window:
+        return query, params
+    column = sql.Identifier(window["column"]).as_string()
+    bounds = [(op, window[name]) for name, op in (("start", ">="), ("end", "<")) if window.get(name) is not None]
+    if not bounds:
+        return query, params
+    if isinstance(params, dict):
+        names = [f"_raydata_window_{i}" for i in range(len(bounds))]
+        test = " AND ".join(f"q.{column} {op} %({name})s" for (op, _), name in zip(bounds, names, strict=True))
+        params = {**params, **{name: value for (_, value), name in zip(bounds, names, strict=True)}}
+    else:
+        test = " AND ".join(f"q.{column} {op} %s" for op, _ in bounds)
+        params = [*(params or []), *(value for _, value in bounds)]
+    return f"SELECT * FROM ({query}) AS q WHERE {test}", params
 
 
 class _ConnectionFactory:
@@ -390,7 +407,7 @@ def _publish(conn, plan: dict[str, Any]) -> dict[str, Any]:
         if mode == "upsert":
             rows, result["rows_deleted"] = _upsert_rows(cur, plan, target, staging, columns)
         try:
-            cur.execute(sql.SQL("INSERT INTO {} ({}) ").format(target, columns) + rows + _on_conflict(plan))
+            cur.execute(sql.SQL("INSERT INTO {} AS t ({}) ").format(target, columns) + rows + _on_conflict(plan))
         except errors.InvalidColumnReference as exc:  # no unique index for ON CONFLICT
             raise ValueError(
                 f"upsert into {plan['destination']} on ({', '.join(plan['keys'])}) needs a primary key or unique "
@@ -422,6 +439,8 @@ def _upsert_rows(cur, plan, target, staging, columns):
     if flag:
         latest = sql.SQL("({}) AS s").format(rows)
         match = sql.SQL(" AND ").join(sql.SQL("t.{0} = s.{0}").format(sql.Identifier(k)) for k in plan["keys"])
+        if plan.get("sequence_by"):  # a delete older than the stored row does not apply
+            match += sql.SQL(" AND (t.{0} <= s.{0}) IS NOT FALSE").format(sql.Identifier(plan["sequence_by"]))
         cur.execute(
             sql.SQL("DELETE FROM {} AS t USING {} WHERE {} AND s.{}").format(
                 target, latest, match, sql.Identifier(flag)
@@ -444,6 +463,10 @@ def _on_conflict(plan):
         if updates
         else sql.SQL("DO NOTHING")
     )
+    if updates and plan.get("sequence_by"):
+        # An older version never replaces a newer one: loads (backfills, overlapping runs) may
+        # publish in any order and still leave the latest row per key.
+        action += sql.SQL(" WHERE (t.{0} <= EXCLUDED.{0}) IS NOT FALSE").format(sql.Identifier(plan["sequence_by"]))
     return sql.SQL(" ON CONFLICT ({}) ").format(idents(plan["keys"])) + action
 
 

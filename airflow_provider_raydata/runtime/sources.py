@@ -9,9 +9,13 @@ Other kinds (SQL, Snowflake, BigQuery) register a reader in ``READERS``.
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import unquote
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray.data
 
@@ -35,6 +39,8 @@ def read_source(source: dict[str, Any], storage: dict | None) -> ray.data.Datase
     if kind == "files":
         return ds
     shape = {"casts": source.get("cast") or {}, "row_filter": source.get("filter"), "columns": source.get("columns")}
+    if kind != "postgres" and source.get("window"):  # PostgreSQL applies the window in its query
+        shape["window"] = source["window"]
     if not any(shape.values()):
         return ds
     return ds.map_batches(shape_batch, batch_format="pyarrow", batch_size=None, zero_copy_batch=True, fn_kwargs=shape)
@@ -47,30 +53,105 @@ def read_files(source: dict[str, Any], storage: dict | None) -> ray.data.Dataset
         raise ValueError(f"Unknown file format {fmt!r}; use one of {', '.join(FORMATS)}")
     reader, extensions = FORMATS[fmt]
     fs, _ = filesystem_for(paths[0], storage)
-    files = [f for uri in paths for f in expand(fs, filesystem_for(uri, storage)[1], extensions)]
+    all_files = [f for uri in paths for f in expand(fs, filesystem_for(uri, storage)[1], extensions)]
+    window = source.get("window")
+    files = in_window_partitions(all_files, window) if window and window.get("partitioned") else all_files
     columns, row_filter = source.get("columns"), source.get("filter")
     kwargs: dict[str, Any] = {"filesystem": fs}
     if fmt == "parquet":
-        with fs.open_input_file(files[0]) as handle:
-            available = pq.read_schema(handle).names
         needed = list(columns or []) + sorted(columns_in(row_filter) if row_filter else [])
-        check_columns(needed, available, f"source {paths[0]}")
+        schema = check_parquet_files(fs, files or all_files[:1], needed or None)
+        check_columns(needed, schema.names, f"source {paths[0]}")
         if columns:
             kwargs["columns"] = list(dict.fromkeys(needed))
+        if not files:  # no partition in this window: an empty increment, with the source's schema
+            return ray.data.from_arrow(schema.empty_table().select(columns or schema.names))
     ds = reader(files, **kwargs)
-    return ds.map_batches(
-        shape_batch,
-        batch_format="pyarrow",
-        batch_size=None,
-        zero_copy_batch=True,
-        fn_kwargs={"casts": source.get("cast") or {}, "row_filter": row_filter, "columns": columns},
-    )
+    shape = {"casts": source.get("cast") or {}, "row_filter": row_filter, "columns": columns, "window": window}
+    return ds.map_batches(shape_batch, batch_format="pyarrow", batch_size=None, zero_copy_batch=True, fn_kwargs=shape)
 
 
-def shape_batch(table: pa.Table, casts: dict, row_filter: str | None, columns: list | None) -> pa.Table:
+def check_parquet_files(fs, files: list[str], columns: list[str] | None) -> pa.Schema:
+    """Read every file's footer (in parallel) before any row: a corrupt or truncated file, or a
+    file whose columns differ from the first one's (schema drift), is named instead of failing
+    somewhere inside Ray Data. ``columns``: only these must agree (others may come and go)."""
+
+    def schema_of(path: str) -> pa.Schema:
+        try:
+            with fs.open_input_file(path) as handle:
+                return pq.read_schema(handle)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise ValueError(f"Corrupt or truncated Parquet file {path}: {exc}") from None
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        schemas = list(pool.map(schema_of, files))
+    first = schemas[0]
+    compared = columns or first.names
+    for path, schema in zip(files[1:], schemas[1:], strict=True):
+        for name in compared:
+            if name not in schema.names:
+                raise ValueError(f"Schema drift: {path} has no column {name!r} (unlike {files[0]})")
+            if name in first.names and schema.field(name).type != first.field(name).type:
+                raise ValueError(
+                    f"Schema drift: column {name!r} is {schema.field(name).type} in {path} "
+                    f"but {first.field(name).type} in {files[0]}"
+                )
+        if columns is None and set(schema.names) - set(first.names):
+            extra = sorted(set(schema.names) - set(first.names))
+            raise ValueError(f"Schema drift: {path} has extra column(s) {', '.join(extra)} (unlike {files[0]})")
+    return first
+
+
+def in_window_partitions(files: list[str], window: dict[str, Any]) -> list[str]:
+    """Files of the date partitions (``.../{column}=YYYY-MM-DD/...``) that overlap the window."""
+    start, end = _bound(window.get("start")), _bound(window.get("end"))
+    marker = f"{window['column']}="
+    chosen = []
+    for path in files:
+        segment = next((part for part in path.split("/") if part.startswith(marker)), None)
+        if segment is None:
+            raise ValueError(f"{path} is not under a '{marker}YYYY-MM-DD' partition directory")
+        day = datetime.fromisoformat(unquote(segment[len(marker) :]))
+        day = day if day.tzinfo else day.replace(tzinfo=UTC)
+        if (start is None or day + timedelta(days=1) > start) and (end is None or day < end):
+            chosen.append(path)
+    return chosen
+
+
+def window_filter(table: pa.Table, window: dict[str, Any]) -> pa.Table:
+    """Rows with ``start <= column < end`` (either bound may be open)."""
+    column = window["column"]
+    check_columns([column], table.schema.names, "incremental window")
+    kind = table.schema.field(column).type
+    condition = None
+    for bound, compare in ((window.get("start"), pc.greater_equal), (window.get("end"), pc.less)):
+        if bound is None:
+            continue
+        value = _bound(bound) if pa.types.is_timestamp(kind) or pa.types.is_date(kind) else bound
+        if pa.types.is_date(kind):
+            value = value.date()
+        elif pa.types.is_timestamp(kind) and kind.tz is None:
+            value = value.astimezone(UTC).replace(tzinfo=None)  # naive timestamps are taken as UTC
+        test = compare(table[column], pa.scalar(value).cast(kind))
+        condition = test if condition is None else pc.and_(condition, test)
+    return table if condition is None else table.filter(pc.fill_null(condition, False))
+
+
+def _bound(value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    moment = datetime.fromisoformat(value)
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def shape_batch(
+    table: pa.Table, casts: dict, row_filter: str | None, columns: list | None, window: dict | None = None
+) -> pa.Table:
     """Cast, filter and project one batch (one fused step after the read)."""
     check_columns(casts, table.schema.names, "cast")
     table = cast_columns(table, casts)
+    if window and not window.get("partitioned"):
+        table = window_filter(table, window)
     if row_filter:
         table = table.filter(compile_expression(row_filter, table.schema))
     if columns:

@@ -284,7 +284,7 @@ def _templated(value: Any) -> bool:
 
 
 DESTINATION_MODES = {
-    "parquet": ("append", "overwrite", "overwrite_partitions"),
+    "parquet": ("append", "overwrite", "overwrite_partitions", "upsert"),
     "postgres": ("append", "overwrite", "replace_partition", "upsert"),
     "snowflake": ("append", "overwrite", "replace_partition", "upsert"),
     "bigquery": ("append", "overwrite", "replace_partition", "upsert"),
@@ -317,8 +317,8 @@ def load_columns(destination: dict[str, Any], columns: list[str]) -> tuple[str, 
     mode = destination.get("mode", "append")
     keys = list(destination.get("keys") or [])
     partition_by = list(destination.get("partition_by") or [])
-    sequence = [destination["sequence_by"]] if destination.get("sequence_by") else []
-    for column in [*keys, *partition_by, *sequence]:
+    extra = [destination[name] for name in ("sequence_by", "delete_column") if destination.get(name)]
+    for column in [*keys, *partition_by, *extra]:
         if column not in columns:
             raise ValueError(f"Unknown column {column!r} for {mode}; dataset columns: {', '.join(columns)}")
     return mode, keys, partition_by

@@ -19,7 +19,7 @@ REF = {"uri": "/tmp/x", "num_rows": 1}
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"destination": "/tmp/lake", "mode": "upsert"}, "Unknown mode 'upsert' for a parquet destination"),
+        ({"destination": "/tmp/lake", "mode": "replace_partition"}, "Unknown mode 'replace_partition' for a parquet"),
         ({"destination": "/tmp/lake", "mode": "overwrite_partitions"}, "needs partition_by"),
         ({"destination": {"kind": "postgres", "table": "t"}, "mode": "merge"}, "use append, overwrite, replace_"),
         ({"destination": {"kind": "postgres", "table": "t"}, "mode": "upsert"}, "'upsert' needs keys"),
