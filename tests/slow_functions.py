@@ -1,0 +1,12 @@
+"""Slow batch functions for fault tests: they give a test time to kill something mid-stage."""
+
+from __future__ import annotations
+
+import time
+
+import pandas as pd
+
+
+def slow_double(batch: pd.DataFrame, seconds: float = 1.0) -> pd.DataFrame:
+    time.sleep(seconds)
+    return batch.assign(doubled=batch["id"] * 2)
