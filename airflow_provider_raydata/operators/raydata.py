@@ -495,7 +495,10 @@ class RayDataLoadOperator(RayDataBaseOperator):
 
     def handle_result(self, context, result: dict[str, Any]) -> Any:
         # Staged on the cluster (PostgreSQL, Snowflake): publish in one transaction here.
-        load = publish_load(self.destination_spec(), result["load"])
+        try:
+            load = publish_load(self.destination_spec(), result["load"])
+        except ValueError as exc:  # the data cannot be published as asked: a retry would not help
+            raise AirflowFailException(f"{self.task_id}: {exc}") from exc
         if load.get("skipped"):
             self.log.warning(
                 "This run's append to %s was already published by an earlier try: nothing appended twice",

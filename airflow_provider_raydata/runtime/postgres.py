@@ -266,9 +266,8 @@ def stage_load(ds, destination: dict[str, Any], load_id: str) -> dict[str, Any]:
                 )
             )
         else:
+            # No key on the staging table: publish checks repeated keys and names them.
             definition = [sql.SQL("{} {}").format(sql.Identifier(f.name), sql.SQL(pg_type(f))) for f in arrow_schema]
-            if keys:
-                definition.append(sql.SQL("PRIMARY KEY ({})").format(idents(keys)))
             kind = sql.SQL("TABLE" if mode == "overwrite" else "UNLOGGED TABLE")
             cur.execute(sql.SQL("CREATE {} {} ({})").format(kind, staging, sql.SQL(", ").join(definition)))
     started = time.perf_counter()
