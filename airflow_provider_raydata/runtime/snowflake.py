@@ -379,9 +379,12 @@ def _merge(cur, plan: dict[str, Any], target: str, staging: str) -> int:
     match = " AND ".join(f"t.{quote(k)} = s.{quote(k)}" for k in keys)
     updates = ", ".join(f"t.{quote(c)} = s.{quote(c)}" for c in names if c not in keys)
     flag = plan.get("delete_column")
-    clauses = [f"WHEN MATCHED AND s.{quote(flag)} THEN DELETE"] if flag else []
+    # As for PostgreSQL: an older version never replaces (or deletes) a newer stored row.
+    seq = quote(plan["sequence_by"]) if plan.get("sequence_by") else None
+    newer = f" AND (t.{seq} IS NULL OR s.{seq} IS NULL OR t.{seq} <= s.{seq})" if seq else ""
+    clauses = [f"WHEN MATCHED AND s.{quote(flag)}{newer} THEN DELETE"] if flag else []
     if updates:
-        clauses.append(f"WHEN MATCHED THEN UPDATE SET {updates}")
+        clauses.append(f"WHEN MATCHED{newer} THEN UPDATE SET {updates}")
     insert = f"WHEN NOT MATCHED{f' AND s.{quote(flag)} IS NOT TRUE' if flag else ''} THEN INSERT"
     clauses.append(f"{insert} ({column_list(names)}) VALUES ({column_list(names, 's.')})")
     cur.execute(f"MERGE INTO {target} AS t USING ({rows}) AS s ON {match} {' '.join(clauses)}")
