@@ -72,10 +72,17 @@ class RayHead:
 
         # The client server's processes name the GCS address, not the temp dir.
         markers = (str(self.temp_dir), f":{self.gcs_port}")
+        matched = set()
         for proc in psutil.process_iter(["cmdline"]):
             try:
                 if any(marker in part for part in proc.info["cmdline"] or [] for marker in markers):
-                    proc.kill()
+                    matched.add(proc)
+                    matched.update(proc.children(recursive=True))  # e.g. the executor's service job
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+        for proc in matched:
+            try:
+                proc.kill()
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 pass
         time.sleep(1)

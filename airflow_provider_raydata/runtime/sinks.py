@@ -121,7 +121,12 @@ def _merge_upsert(ds, destination, fs, root, staged, load_id, keys, partition_by
         for row in values.to_pylist():
             match = functools.reduce(operator.and_, [pads.field(c) == row[c] for c in partition_by])
             touched = match if touched is None else touched | match
-    replaced = [fragment.path for fragment in lake.get_fragments(filter=touched)]
+    fragments = list(lake.get_fragments(filter=touched))
+    for fragment in fragments:  # rewriting a file must not drop a column this load lacks
+        dropped = [name for name in fragment.physical_schema.names if name not in new.schema.names]
+        if dropped:
+            raise ValueError(f"upsert: {fragment.path} has column {dropped[0]!r}, which this load lacks")
+    replaced = [fragment.path for fragment in fragments]
     try:
         existing = lake.to_table(filter=touched)
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
