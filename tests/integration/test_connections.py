@@ -66,6 +66,9 @@ def test_version_mismatch_is_named(monkeypatch, ray_head, source, tmp_path):
     """Stand-in for an older client: this process reports another Ray version to the real server."""
     import ray
 
+    from airflow_provider_raydata.hooks.ray import drop_client_session
+
+    drop_client_session()  # a new Ray Client session, as in a fresh task process
     monkeypatch.setenv("AIRFLOW_CONN_RAYDATA_DEFAULT", json.dumps(ray_head.connection()))
     monkeypatch.setattr(ray, "__version__", "2.59.0")
     with pytest.raises(AirflowException, match=f"Ray version mismatch with the cluster at {ray_head.address}"):

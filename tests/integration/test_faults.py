@@ -146,9 +146,9 @@ def test_dropped_client_connection_fails_in_bounded_time_and_the_retry_completes
     monkeypatch.setenv("RAY_CLIENT_RECONNECT_GRACE_PERIOD", "5")  # the Ray Client's own wait before giving up
     ref = committed_ids(tmp_path / "in", files=16, rows_per_file=500)
     staging = tmp_path / "staging"
-    op = slow_transform("dropped", ref, staging, raydata_conn_id="ray_proxy")
+    op = slow_transform("dropped", ref, staging, raydata_conn_id="ray_proxy", fn_kwargs={"seconds": 2})
     thread, outcome = in_thread(lambda: run_operator(op)[0])
-    wait_for_processes("MapBatches(slow_double)")
+    wait_for_processes("ray::tests.dropped")  # the stage is running (for 16 s or more)
     dropped_at = time.monotonic()
     proxy.stop()  # the network between the Airflow worker and the cluster goes away
     thread.join(120)
