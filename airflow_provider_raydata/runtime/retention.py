@@ -45,14 +45,14 @@ class _Unit:
         seconds = None if info.mtime_ns is None else info.mtime_ns / 1e9
         if info.type == pafs.FileType.Directory:
             if seconds is not None:
-                self.newest_dir = max(self.newest_dir or seconds, seconds)
+                self.newest_dir = seconds if self.newest_dir is None else max(self.newest_dir, seconds)
             return
         self.files += 1
         self.size += info.size or 0
         if seconds is None:
             self.unknown_age = True
         else:
-            self.newest = max(self.newest or seconds, seconds)
+            self.newest = seconds if self.newest is None else max(self.newest, seconds)
 
     def older_than(self, cutoff: float) -> bool:
         if self.unknown_age:
@@ -74,11 +74,12 @@ def clean_staging(
     """Remove staging directories whose newest file is older than ``older_than_days``.
 
     ``active_runs``: ``[dag_id, run_id]`` pairs whose run directories are kept at any age;
-    they match the ids in a run's ``_SUCCESS`` markers or, for a run without one, its directory
-    names. ``candidates``: when given, only these run directories (``"dag/run"`` relative to the
-    root, as listed by an earlier dry run whose runs were checked) may be removed. ``lake_paths``:
-    lake destinations whose ``_staging`` leftovers are removed by age. Returns a summary: what
-    was removed (or would be, with ``dry_run``) and which old runs were kept, with counts and bytes.
+    they match the real ids in a run's ``_SUCCESS`` markers or its (escaped) directory names,
+    which is all a run without a committed output has. ``candidates``: when given, only these
+    run directories (``"dag/run"`` relative to the root, as listed by an earlier dry run whose
+    runs were checked) may be removed. ``lake_paths``: lake destinations whose ``_staging``
+    leftovers are removed by age. Returns a summary: what was removed (or would be, with
+    ``dry_run``) and which old runs were kept, with counts, files and bytes.
     """
     if older_than_days < 0:
         raise ValueError(f"older_than_days must not be negative, got {older_than_days}")
