@@ -7,6 +7,7 @@ masker so that the task log redacts them even if user code prints them.
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 from airflow.sdk.log import mask_secret
@@ -130,6 +131,17 @@ def publish_postgres(conn_id: str, plan: dict[str, Any]) -> dict[str, Any]:
         with conn.transaction(), conn.cursor() as cur:  # the rolled-back load's staged rows
             drop_staging_tables(cur, plan["schema"], plan["load_id"])
         raise
+    finally:
+        conn.close()
+
+
+def sweep_postgres(conn_id: str, schemas: list[str], older_than: timedelta, dry_run: bool = False) -> list[str]:
+    """Drop the orphaned staging tables of killed loads, through PostgresHook's own connection."""
+    from airflow_provider_raydata.runtime.postgres import drop_orphaned_staging_tables
+
+    conn = postgres_hook(conn_id).get_conn()
+    try:
+        return drop_orphaned_staging_tables(conn, schemas, older_than, dry_run=dry_run)
     finally:
         conn.close()
 

@@ -2,6 +2,7 @@ from airflow_provider_raydata.operators.raydata import (
     RayDataExtractOperator,
     RayDataLoadOperator,
     RayDataQualityOperator,
+    RayDataStagingCleanupOperator,
     RayDataTransformOperator,
 )
 
@@ -10,4 +11,5 @@ __all__ = [
     "RayDataTransformOperator",
     "RayDataQualityOperator",
     "RayDataLoadOperator",
+    "RayDataStagingCleanupOperator",
 ]

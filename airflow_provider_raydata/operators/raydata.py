@@ -9,7 +9,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import cached_property
 from typing import Any
 
@@ -25,6 +25,7 @@ from airflow_provider_raydata.hooks.warehouses import (
     postgres_watermark,
     publish_load,
     resolve_connection,
+    sweep_postgres,
 )
 from airflow_provider_raydata.runtime.refs import task_prefix
 from airflow_provider_raydata.runtime.specs import validate_checks, validate_destination, validate_steps
@@ -512,6 +513,159 @@ class RayDataLoadOperator(RayDataBaseOperator):
             ", ".join(load.get("partitions") or []) or "-",
         )
         return load
+
+
+ACTIVE_STATES = ["queued", "running"]
+RUN_ID_BATCH = 50  # run ids per count request: they travel in the API call's query string
+LOGGED_PATHS = 50  # paths listed in the task log (and in the returned summary: 2x)
+
+
+class RayDataStagingCleanupOperator(RayDataBaseOperator):
+    """Staging retention: remove staging outputs older than ``retention_days``, never those of
+    a DAG run that is still queued or running, and drop orphaned PostgreSQL staging tables.
+
+    :param retention_days: age (days, templated) after which a run's staging directory goes,
+        counted from its newest file; uncommitted attempts of killed stages and lake
+        ``_staging`` leftovers go by their own age.
+    :param staging_uri: the staging area to clean (default: as for the other operators).
+    :param lake_paths: lake destinations whose ``_staging/`` leftovers are removed (templated).
+    :param postgres_conn_ids: ``postgres`` connections whose orphaned ``_raydata_*`` staging
+        tables are dropped (older than ``retention_days``, and only if no session holds a lock on them).
+    :param postgres_schemas: the schemas searched for them.
+    :param dry_run: report what would be removed; remove nothing.
+
+    The files are cleaned on the cluster (the staging area may be reachable only from there),
+    the tables from here. Airflow 3 tasks have no metadata-database access and the Task SDK
+    cannot list the active runs of every DAG; it can count a DAG's runs by run id and state
+    (``get_dr_count``). So the file cleanup takes two stages: (1) a dry run lists the run
+    directories older than the cutoff with the real ``(dag_id, run_id)`` from their
+    ``_SUCCESS`` markers; (2) here each candidate's DAG is asked for queued/running runs (one
+    count per DAG; only when it has some, counts per batch of run ids, then per run); (3) the
+    cluster removes the candidates found inactive, with the first stage's clock and among those
+    candidates only, so a directory that aged or appeared in between is never removed unchecked.
+    A run directory with nothing committed has no recoverable run id (its name is escaped): it
+    is kept while its DAG has any active run (its dead attempts still go by age). A run that
+    becomes active in the seconds between (2) and (3) is not protected, nor is an active run
+    reading another run's staging output by URI: keep ``retention_days`` well above that reach.
+    """
+
+    stage = "cleanup"
+    template_fields = (*RayDataBaseOperator.template_fields, "retention_days", "lake_paths", "dry_run")
+
+    def __init__(
+        self,
+        *,
+        retention_days: float | str = 7,
+        lake_paths: Sequence[str] = (),
+        postgres_conn_ids: Sequence[str] = (),
+        postgres_schemas: Sequence[str] = ("public",),
+        dry_run: bool | str = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.retention_days = retention_days
+        self.lake_paths = list(lake_paths)
+        self.postgres_conn_ids = list(postgres_conn_ids)
+        self.postgres_schemas = list(postgres_schemas)
+        self.dry_run = dry_run
+
+    def execute(self, context) -> dict[str, Any]:
+        ti = context["ti"]
+        days, dry_run = float(self.retention_days), str(self.dry_run).lower() in ("true", "1", "yes")
+        if days <= 0:
+            raise AirflowFailException(f"{self.task_id}: retention_days must be positive, got {self.retention_days}")
+        errors: list[str] = []
+        tables: dict[str, list[str]] = {}
+        for conn_id in self.postgres_conn_ids:  # first: it must not depend on the cluster being up
+            try:
+                tables[conn_id] = sweep_postgres(conn_id, self.postgres_schemas, timedelta(days=days), dry_run)
+            except Exception as exc:
+                self.log.exception("Sweeping PostgreSQL staging tables through %s failed", conn_id)
+                errors.append(f"PostgreSQL {conn_id}: {type(exc).__name__}: {exc}")
+        spec = {
+            "stage": self.stage,
+            "name": f"{ti.dag_id}.{ti.task_id}",
+            "staging_uri": self.resolve_staging_uri(),
+            "lake_paths": self.lake_paths,
+            "older_than_days": days,
+            "storage": self.storage(),
+            "tuning": self.tuning,
+            "produced_by": {
+                "dag_id": ti.dag_id,
+                "run_id": ti.run_id,
+                "task_id": ti.task_id,
+                "try_number": ti.try_number,
+            },
+        }
+        ti.xcom_push(key=DASHBOARD_XCOM_KEY, value=self.hook.settings.dashboard_url or "")
+        self.log.info("Listing staging older than %s days on %s", days, self.hook.settings.where)
+        listed = self.hook.run_stage({**spec, "dry_run": True}, timeout=self.stage_timeout)
+        summary, seconds = listed["cleanup"], listed["metrics"]["seconds"]
+        candidates = [entry for entry in summary["removed"] if entry["kind"] == "run"]
+        active = find_active_runs(candidates, ti.get_dr_count)
+        if summary["removed"]:
+            spec.update(
+                dry_run=dry_run, active_runs=active, now=summary["now"], candidates=[c["run"] for c in candidates]
+            )
+            cleaned = self.hook.run_stage(spec, timeout=self.stage_timeout)
+            summary, seconds = cleaned["cleanup"], seconds + cleaned["metrics"]["seconds"]
+        self.log.info("%s", format_cleanup(summary, tables))
+        ti.xcom_push(key="metrics", value={"rows_in": None, "rows_out": None, "seconds": round(seconds, 3)})
+        errors += [f"{e['path']}: {e['error']}" for e in summary["errors"]]
+        if errors:
+            raise AirflowException(f"Staging cleanup: {len(errors)} errors: " + "; ".join(errors[:10]))
+        limit = 2 * LOGGED_PATHS
+        return {
+            **{k: v for k, v in summary.items() if k not in ("removed", "kept")},
+            "removed": summary["removed"][:limit],
+            "kept": summary["kept"][:limit],
+            "postgres_tables_dropped": tables,
+        }
+
+
+def find_active_runs(candidates: list[dict[str, Any]], count_runs: Callable[..., int]) -> list[list[str]]:
+    """``[dag_id, run_id]`` of the candidate runs (``clean_staging`` run entries) that are queued
+    or running; ``count_runs``: the Task SDK's ``get_dr_count``."""
+    by_dag: dict[str, list[dict[str, Any]]] = {}
+    for candidate in candidates:
+        by_dag.setdefault(candidate["dag_id"], []).append(candidate)
+    active: list[list[str]] = []
+    for dag_id, runs in sorted(by_dag.items()):
+        if not count_runs(dag_id=dag_id, states=ACTIVE_STATES):
+            continue  # the usual case: one request clears all of a DAG's old runs
+        known = sorted({run["run_id"] for run in runs if run["run_id"]})
+        for start in range(0, len(known), RUN_ID_BATCH):
+            batch = known[start : start + RUN_ID_BATCH]
+            if count_runs(dag_id=dag_id, run_ids=batch, states=ACTIVE_STATES):
+                active += [[dag_id, r] for r in batch if count_runs(dag_id=dag_id, run_ids=[r], states=ACTIVE_STATES)]
+        # Nothing committed: no real run id to ask about. Keep it while the DAG has active runs.
+        active += [[dag_id, run["run"].split("/")[1]] for run in runs if not run["run_id"]]
+    return active
+
+
+def format_cleanup(summary: dict[str, Any], tables: dict[str, list[str]]) -> str:
+    """The cleanup summary for the task log."""
+    verb = "Would remove" if summary["dry_run"] else "Removed"
+    counts = summary.get("counts") or {}
+    active = [e for e in summary["kept"] if e.get("reason") == "active"]
+    lines = [
+        f"Staging retention on {summary['staging_uri']} (older than {summary['older_than_days']} days, before "
+        f"{summary['cutoff']}): {verb.lower()} {counts.get('run', 0)} runs, {counts.get('attempt', 0)} "
+        f"uncommitted attempts, {counts.get('lake_staging', 0)} lake staging directories "
+        f"({summary['files_removed']} files, {summary['bytes_removed'] / 1e6:.1f} MB); kept {len(active)} old "
+        f"runs that are active, {len(summary['kept']) - len(active)} other old runs, "
+        f"{summary['recent_runs']} recent runs",
+    ]
+    lines += [
+        f"  {verb} {e['kind']} {e['path']} (newest file {e['newest']})" for e in summary["removed"][:LOGGED_PATHS]
+    ]
+    lines += [f"  Kept {e['path']}: {e['reason']}" for e in summary["kept"][:LOGGED_PATHS]]
+    for conn_id, names in tables.items():
+        lines.append(
+            f"PostgreSQL {conn_id}: {'would drop' if summary['dry_run'] else 'dropped'} {len(names)} "
+            f"orphaned staging tables{': ' + ', '.join(names) if names else ''}"
+        )
+    return "\n".join(lines)
 
 
 def format_report(report: dict[str, Any]) -> str:

@@ -17,9 +17,12 @@ The connection parameters arrive inside the stage spec; nothing here logs or for
 from __future__ import annotations
 
 import io
+import json
+import re
 import time
 import uuid
 from collections.abc import Iterable
+from datetime import datetime, timedelta
 from typing import Any
 
 import pyarrow as pa
@@ -236,6 +239,14 @@ def drop_staging_tables(cur, schema: str, load_id: str) -> None:
         cur.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(schema, name)))
 
 
+def mark_staging_table(cur, staging, load_id: str) -> None:
+    """Record when a staging table was created (database clock) for the orphan sweep."""
+    sql = _sql()
+    cur.execute("SELECT now()")
+    note = json.dumps({"raydata_staging": True, "load_id": load_id, "created_at": cur.fetchone()[0].isoformat()})
+    cur.execute(sql.SQL("COMMENT ON TABLE {} IS {}").format(staging, sql.Literal(note)))
+
+
 def stage_load(ds, destination: dict[str, Any], load_id: str) -> dict[str, Any]:
     """COPY the dataset into a new staging table in parallel; return the plan for ``publish``."""
     sql = _sql()
@@ -270,6 +281,7 @@ def stage_load(ds, destination: dict[str, Any], load_id: str) -> dict[str, Any]:
             definition = [sql.SQL("{} {}").format(sql.Identifier(f.name), sql.SQL(pg_type(f))) for f in arrow_schema]
             kind = sql.SQL("TABLE" if mode == "overwrite" else "UNLOGGED TABLE")
             cur.execute(sql.SQL("CREATE {} {} ({})").format(kind, staging, sql.SQL(", ").join(definition)))
+        mark_staging_table(cur, staging, load_id)  # same transaction: never visible unmarked
     started = time.perf_counter()
     try:
         sink = PostgresCopySink(destination["conn"], schema_name, staging_name, columns)
@@ -478,16 +490,80 @@ def _swap(cur, conn, target, staging, schema, table, exists, columns):
     from psycopg import errors
 
     sql = _sql()
+    comment = None  # the target keeps its own comment, not the staging table's retention note
+    if exists:
+        cur.execute("SELECT obj_description(to_regclass(%s), 'pg_class')", [target.as_string(conn)])
+        comment = cur.fetchone()[0]
+    set_comment = sql.SQL("COMMENT ON TABLE {} IS {}").format(target, sql.Literal(comment))
     if not exists:
         cur.execute(sql.SQL("ALTER TABLE {} RENAME TO {}").format(staging, sql.Identifier(table)))
+        cur.execute(set_comment)
         return
     retired = f"{STAGING_PREFIX}old_{uuid.uuid4().hex[:8]}"
     try:
         with conn.transaction():  # a savepoint
             cur.execute(sql.SQL("ALTER TABLE {} RENAME TO {}").format(target, sql.Identifier(retired)))
             cur.execute(sql.SQL("ALTER TABLE {} RENAME TO {}").format(staging, sql.Identifier(table)))
+            cur.execute(set_comment)
             cur.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(schema, retired)))
     except errors.DependentObjectsStillExist:
         cur.execute(sql.SQL("TRUNCATE {}").format(target))
         cur.execute(sql.SQL("INSERT INTO {} ({}) SELECT {} FROM {}").format(target, columns, columns, staging))
         cur.execute(sql.SQL("DROP TABLE {}").format(staging))
+
+
+# --- retention: orphaned staging tables --------------------------------------------------
+
+# Only names this module creates: stage_load's ``_raydata_{load_id}_{token}`` and _swap's
+# ``_raydata_old_{token}`` (never the ``_raydata_loads`` ledger).
+STAGING_NAME = re.compile(r"_raydata_(?:[0-9a-f]+|old)_[0-9a-f]{8}")
+
+
+def drop_orphaned_staging_tables(
+    conn, schemas: Iterable[str], older_than: timedelta, dry_run: bool = False
+) -> list[str]:
+    """Drop staging tables that killed loads left behind; return their ``schema.table`` names.
+
+    A staging table is old when the creation time ``stage_load`` noted in its comment is before
+    ``now() - older_than`` (database clock); a table without that note (made before notes
+    existed, or a retired ``_raydata_old_*`` table) counts as old. Either way it is dropped only
+    if no other session holds any lock on it: ``LOCK TABLE ... NOWAIT`` fails on a table that a
+    COPY, a publish or any open transaction uses, and such a table is skipped, never waited for.
+    ``conn``: a psycopg 3 connection; each table is dropped in its own transaction.
+    """
+    from psycopg import Rollback, errors
+
+    sql = _sql()
+    with conn.transaction(), conn.cursor() as cur:
+        cur.execute(
+            "SELECT n.nspname, c.relname, obj_description(c.oid, 'pg_class'), now() FROM pg_class c"
+            " JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE c.relkind IN ('r', 'p') AND n.nspname = ANY(%s) ORDER BY 1, 2",
+            [list(schemas)],
+        )
+        found = [row for row in cur.fetchall() if STAGING_NAME.fullmatch(row[1]) and row[1] != LEDGER]
+    dropped = []
+    for schema, name, comment, now in found:
+        created = _created_at(comment)
+        if created is not None and created >= now - older_than:
+            continue
+        table = sql.Identifier(schema, name)
+        try:
+            with conn.transaction(), conn.cursor() as cur:
+                cur.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE NOWAIT").format(table))
+                if dry_run:
+                    raise Rollback()
+                cur.execute(sql.SQL("DROP TABLE {}").format(table))
+        except (errors.LockNotAvailable, errors.UndefinedTable):
+            continue  # in use (a running load or publish), or gone meanwhile
+        dropped.append(f"{schema}.{name}")
+    return dropped
+
+
+def _created_at(comment: str | None) -> datetime | None:
+    """The creation time in a staging table's comment, or None without one."""
+    try:
+        note = json.loads(comment or "")
+        return datetime.fromisoformat(note["created_at"]) if note.get("raydata_staging") else None
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None

@@ -22,6 +22,7 @@ from ray.data.context import DataContext, ShuffleStrategy
 
 from . import refs
 from .checks import quarantine_schema, run_checks, split_batch
+from .retention import clean_staging
 from .sinks import write_destination
 from .sources import read_ref, read_source
 from .storage import exists, filesystem_for, join_uri
@@ -59,6 +60,10 @@ def run_stage(spec: dict[str, Any]) -> dict[str, Any]:
     stage, storage = spec["stage"], spec.get("storage")
     result: dict[str, Any] = {"stage": stage}
     rows_in = None
+    if stage == "cleanup":  # staging retention: no dataset, only a listing and deletes
+        result["cleanup"] = run_cleanup(spec)
+        result["metrics"] = {"rows_in": None, "rows_out": None, "seconds": round(time.perf_counter() - started, 3)}
+        return result
     if stage == "extract":
         ds = read_source(spec["source"], storage)
     else:
@@ -80,6 +85,19 @@ def run_stage(spec: dict[str, Any]) -> dict[str, Any]:
         "seconds": round(time.perf_counter() - started, 3),
     }
     return result
+
+
+def run_cleanup(spec: dict[str, Any]) -> dict[str, Any]:
+    return clean_staging(
+        spec["staging_uri"],
+        spec.get("storage"),
+        spec["older_than_days"],
+        spec.get("active_runs") or [],
+        now=spec.get("now"),
+        dry_run=bool(spec.get("dry_run")),
+        lake_paths=spec.get("lake_paths") or [],
+        candidates=spec.get("candidates"),
+    )
 
 
 def run_quality(

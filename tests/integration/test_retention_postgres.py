@@ -1,0 +1,117 @@
+"""Orphaned PostgreSQL staging tables: noted at creation, swept by age, never while in use.
+Real PostgreSQL; the stage's dataset is a stand-in (no Ray cluster)."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
+
+import psycopg
+import pyarrow as pa
+import pytest
+
+from airflow_provider_raydata.hooks.warehouses import sweep_postgres
+from airflow_provider_raydata.runtime.postgres import drop_orphaned_staging_tables, publish, stage_load
+
+pytestmark = pytest.mark.integration
+
+WEEK = timedelta(days=7)
+
+
+class FakeDataset:
+    """Just enough of a Ray Dataset for ``stage_load``: one block, written in-process."""
+
+    def __init__(self, table: pa.Table):
+        self.table = table
+
+    def schema(self):
+        return SimpleNamespace(base_schema=self.table.schema)
+
+    def repartition(self, **_):
+        return self
+
+    def write_datasink(self, sink) -> None:
+        sink.on_write_complete(SimpleNamespace(write_returns=[sink.write([self.table], None)]))
+
+
+def tables(pg, schema: str = "public") -> set[str]:
+    rows = pg.conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = %s", [schema]).fetchall()
+    return {name for (name,) in rows}
+
+
+def staging_table(pg, name: str, created_days_ago: float | None, schema: str = "public") -> None:
+    """A staging table as ``stage_load`` leaves it; without a creation note when days is None."""
+    pg.conn.execute(f'CREATE TABLE {schema}."{name}" (id bigint)')
+    if created_days_ago is not None:
+        created = datetime.now(UTC) - timedelta(days=created_days_ago)
+        note = json.dumps({"raydata_staging": True, "load_id": "x", "created_at": created.isoformat()})
+        pg.conn.execute(f"COMMENT ON TABLE {schema}.\"{name}\" IS '{note}'")
+
+
+def comment(pg, table: str) -> str | None:
+    return pg.conn.execute("SELECT obj_description(to_regclass(%s), 'pg_class')", [table]).fetchone()[0]
+
+
+def test_stage_load_notes_creation_time_and_publish_keeps_the_targets_comment(pg):
+    rows = pa.table({"id": pa.array([1, 2, 3], pa.int64()), "label": ["a", "b", "c"]})
+    destination = {"conn": pg.params, "table": "public.facts", "mode": "overwrite"}
+
+    plan = stage_load(FakeDataset(rows), destination, "0123456789abcdef")
+    note = json.loads(comment(pg, plan["staging_table"]))
+    assert note["load_id"] == "0123456789abcdef" and note["raydata_staging"] is True
+    assert abs(datetime.fromisoformat(note["created_at"]) - datetime.now(UTC)) < timedelta(minutes=1)
+    publish(pg.conn, plan)
+    assert comment(pg, "facts") is None  # a new target does not inherit the staging note
+
+    pg.conn.execute("COMMENT ON TABLE facts IS 'daily facts'")
+    publish(pg.conn, stage_load(FakeDataset(rows), destination, "0123456789abcdef"))  # swapped in
+    assert comment(pg, "facts") == "daily facts"
+    assert pg.conn.execute("SELECT count(*) FROM facts").fetchone()[0] == 3
+    appended = {"conn": pg.params, "table": "public.log", "mode": "append"}
+    publish(pg.conn, stage_load(FakeDataset(rows), appended, "fedcba9876543210"))  # CREATE TABLE ... (LIKE staging)
+    assert comment(pg, "log") is None
+    assert drop_orphaned_staging_tables(pg.conn, ["public"], timedelta(0)) == []  # nothing left behind
+
+
+def test_orphans_older_than_the_cutoff_are_dropped(pg):
+    pg.conn.execute("CREATE TABLE _raydata_loads (target text, load_id text)")  # the ledger
+    pg.conn.execute("CREATE TABLE _raydata_notes (id int)")  # a user's table with our prefix
+    staging_table(pg, "_raydata_00000000000000aa_11111111", created_days_ago=10)
+    staging_table(pg, "_raydata_00000000000000bb_22222222", created_days_ago=1)
+    staging_table(pg, "_raydata_00000000000000cc_33333333", created_days_ago=None)  # made before notes
+    pg.conn.execute("CREATE SCHEMA other")
+    staging_table(pg, "_raydata_00000000000000dd_44444444", created_days_ago=10, schema="other")
+
+    dry = drop_orphaned_staging_tables(pg.conn, ["public"], WEEK, dry_run=True)
+    assert len(tables(pg)) == 5
+    dropped = drop_orphaned_staging_tables(pg.conn, ["public"], WEEK)
+
+    expected = ["public._raydata_00000000000000aa_11111111", "public._raydata_00000000000000cc_33333333"]
+    assert dry == dropped == expected
+    assert tables(pg) == {"_raydata_loads", "_raydata_notes", "_raydata_00000000000000bb_22222222"}
+    assert tables(pg, "other") == {"_raydata_00000000000000dd_44444444"}  # schema not asked for
+
+
+def test_a_table_in_use_by_an_open_transaction_is_kept(pg):
+    staging_table(pg, "_raydata_00000000000000aa_11111111", created_days_ago=10)
+    staging_table(pg, "_raydata_00000000000000bb_22222222", created_days_ago=None)
+    staging_table(pg, "_raydata_00000000000000cc_33333333", created_days_ago=10)
+    with psycopg.connect(**pg.params) as other:  # a transaction reading two of them, still open
+        other.execute("SELECT count(*) FROM _raydata_00000000000000aa_11111111")
+        other.execute("SELECT count(*) FROM _raydata_00000000000000bb_22222222")
+        started = datetime.now()
+        dropped = drop_orphaned_staging_tables(pg.conn, ["public"], WEEK)
+        assert datetime.now() - started < timedelta(seconds=5)  # NOWAIT: skipped, not waited for
+    assert dropped == ["public._raydata_00000000000000cc_33333333"]
+    assert drop_orphaned_staging_tables(pg.conn, ["public"], WEEK) == [
+        "public._raydata_00000000000000aa_11111111",
+        "public._raydata_00000000000000bb_22222222",
+    ]
+
+
+def test_sweep_through_the_airflow_connection(pg):
+    staging_table(pg, "_raydata_00000000000000aa_11111111", created_days_ago=10)
+    staging_table(pg, "_raydata_00000000000000bb_22222222", created_days_ago=1)
+    assert sweep_postgres(pg.conn_id, ["public"], WEEK) == ["public._raydata_00000000000000aa_11111111"]
+    assert tables(pg) == {"_raydata_00000000000000bb_22222222"}
