@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: install test lint demo bench bench-quality clean
+.PHONY: install test lint demo bench bench-quality bench-incremental clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -26,6 +26,9 @@ bench: install
 
 bench-quality: install
 	$(PY) benchmarks/quality_checks.py --scale 1 --repeats 3
+
+bench-incremental: install
+	$(PY) benchmarks/incremental.py --orders-per-day 20000 --history-days 1 30 --repeats 3
 
 clean:
 	rm -rf .demo .bench build *.egg-info

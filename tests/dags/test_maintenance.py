@@ -1,5 +1,5 @@
 """The cleanup operator asks Airflow's task API which runs are active (dag.test runs a real task
-runner). The cleanup stage runs in-process instead of on Ray: this checks the Airflow side."""
+runner) and cleans the staging area in stages on the Ray head, over ray://."""
 
 from __future__ import annotations
 
@@ -42,12 +42,10 @@ with DAG(dag_id="cleanup_probe", schedule="@daily", start_date=datetime(2024, 1,
 """
 
 
-def test_cleanup_keeps_a_running_runs_output_and_removes_a_finished_ones(airflow_db, tmp_path, monkeypatch):
+def test_cleanup_keeps_a_running_runs_output_and_removes_a_finished_ones(airflow_db, ray_head, tmp_path, monkeypatch):
     from airflow.dag_processing.dagbag import DagBag
 
-    from airflow_provider_raydata.hooks.ray import RayHook
     from airflow_provider_raydata.runtime.refs import safe_segment
-    from airflow_provider_raydata.runtime.runner import run_stage
 
     staging, dags = tmp_path / "staging", tmp_path / "dags"
     dags.mkdir()
@@ -55,10 +53,7 @@ def test_cleanup_keeps_a_running_runs_output_and_removes_a_finished_ones(airflow
     bundle = {"name": "probe", "classpath": "airflow.dag_processing.bundles.local.LocalDagBundle"}
     bundle["kwargs"] = {"path": str(dags)}
     monkeypatch.setenv("AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST", json.dumps([bundle]))
-    # Should the stage ever leave this process, it fails fast instead of starting a Ray.
-    unreachable = {"conn_type": "raydata", "host": "127.0.0.1", "port": 1}
-    monkeypatch.setenv("AIRFLOW_CONN_RAYDATA_DEFAULT", json.dumps(unreachable))
-    monkeypatch.setattr(RayHook, "run_stage", lambda self, spec, timeout=None: run_stage(spec))
+    monkeypatch.setenv("AIRFLOW_CONN_RAYDATA_DEFAULT", json.dumps(ray_head.connection()))
     dag = DagBag(dag_folder=str(dags)).dags["cleanup_probe"]
 
     first = dag.test(logical_date=datetime(2024, 1, 1, tzinfo=UTC))

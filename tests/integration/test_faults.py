@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
+from airflow_provider_raydata.hooks.ray import drop_client_session
 from airflow_provider_raydata.operators import RayDataExtractOperator, RayDataTransformOperator
 from airflow_provider_raydata.runtime import refs
 from tests.conftest import ROOT
@@ -136,6 +137,7 @@ def test_unreachable_head_fails_fast_and_the_next_try_completes(ray_head, tmp_pa
         out, _ = run_operator(op, try_number=2)
         assert out["num_rows"] == 200
     finally:
+        drop_client_session()  # before the proxy goes: later tests start from a clean session
         proxy.stop()
 
 
@@ -161,6 +163,7 @@ def test_dropped_client_connection_fails_in_bounded_time_and_the_retry_completes
     try:
         out, _ = run_operator(slow_transform("dropped", ref, staging, raydata_conn_id="ray_proxy"), try_number=2)
     finally:
+        drop_client_session()
         proxy.stop()
     assert out["num_rows"] == 8000
     time.sleep(3)  # the first try's stage was superseded: it never commits after the retry
