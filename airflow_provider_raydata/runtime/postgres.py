@@ -347,7 +347,7 @@ class PostgresCopySink(Datasink):
         return rows
 
     def on_write_complete(self, write_result) -> None:
-        self.rows_written = sum(write_result.write_returns)
+        self.rows_written = int(sum(write_result.write_returns))  # numpy ints do not serialise
 
 
 # --- loading: publish on the Airflow worker ----------------------------------------------
