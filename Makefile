@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: install test lint demo bench bench-quality bench-incremental clean
+.PHONY: install test test-backfill-week lint demo bench bench-quality bench-incremental clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -14,6 +14,9 @@ install: $(VENV)/.installed
 
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider --durations=15
+
+test-backfill-week: install  # the backfill test over 7 days instead of 3 (about 20 minutes here)
+	RAYDATA_BACKFILL_DAYS=7 $(PY) -m pytest -q -p no:cacheprovider tests/dags/test_backfill.py
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -5,11 +5,12 @@ deployment needs (scheduler, dag-processor, api-server; a triggerer only on requ
 subprocesses, each in its own session with its log in ``home/logs``. Tasks run as children
 of the scheduler (LocalExecutor) and talk to the api-server's execution API.
 
-The metadata database is a private PostgreSQL by default (initdb into a temporary folder,
-loopback port, fsync off). SQLite works for plain runs, but creating a backfill while the
-scheduler runs fails at random on SQLite with "database is locked"; Airflow then deletes the
-half-made backfill's runs, which for ``reprocess_behavior=completed`` are the *existing*
-runs, and the scheduler crashes on the vanished rows.
+The metadata database is a private PostgreSQL (initdb into a temporary folder, loopback
+port, fsync off). ``database="sqlite"`` exists but is NOT usable for backfills: creating a
+backfill while the scheduler runs fails at random with "database is locked" (both the CLI
+and ``POST /backfills``); Airflow then deletes the half-made backfill's runs, which for
+``reprocess_behavior=completed`` are the *existing* runs, and the scheduler crashes on the
+vanished rows.
 
 Typical use::
 
@@ -89,7 +90,8 @@ class AirflowStack:
         self.base_url = f"http://127.0.0.1:{self.api_port}"
         self.startup_timeout = startup_timeout
         self.components = ["scheduler", "dag-processor", "api-server"] + (["triggerer"] if triggerer else [])
-        self.airflow = str(Path(sys.executable).with_name("airflow"))
+        venv_airflow = Path(sys.executable).with_name("airflow")
+        self.airflow = str(venv_airflow) if venv_airflow.exists() else shutil.which("airflow") or "airflow"
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self._pg: subprocess.Popen[bytes] | None = None
         self._pg_dir: Path | None = None
@@ -372,8 +374,16 @@ class AirflowStack:
         args += ["--reprocess-behavior", reprocess]
         if max_active_runs is not None:
             args += ["--max-active-runs", str(max_active_runs)]
-        self._run(args, "cli", timeout=300)
-        return int(self.api("GET", "backfills", dag_id=dag_id, order_by="-id", limit=1)["backfills"][0]["id"])
+        before = self._latest_backfill_id(dag_id)
+        out = self._run(args, "cli", timeout=300)
+        backfill_id = self._latest_backfill_id(dag_id)
+        if backfill_id <= before:  # e.g. "No runs to create" exits 0
+            raise RuntimeError(f"airflow backfill create made no backfill:\n{out[-2000:]}")
+        return backfill_id
+
+    def _latest_backfill_id(self, dag_id: str) -> int:
+        backfills = self.api("GET", "backfills", dag_id=dag_id, order_by="-id", limit=1)["backfills"]
+        return int(backfills[0]["id"]) if backfills else 0
 
     def wait_for_backfill(
         self, dag_id: str, backfill_id: int, timeout: float = 600, finalize: bool = True
@@ -444,7 +454,11 @@ class AirflowStack:
         return self._wait(reached, timeout, f"{dag_id}/{run_id}/{task_id} to be in {sorted(map(str, wanted))}")
 
     def set_task_state(self, dag_id: str, run_id: str, task_id: str, state: str = "failed") -> list[dict[str, Any]]:
-        """Mark a task instance like the UI does; a running task is then SIGTERMed and its on_kill runs."""
+        """Mark a task instance like the UI does (``PATCH .../taskInstances/{task_id}``).
+
+        A running task learns it at its next heartbeat (<= 1 s here); the supervisor then sends
+        SIGTERM, whose handler only calls ``on_kill()``, and SIGKILL 5 s later if the task is still alive.
+        """
         path = f"dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}"
         return list(self.api("PATCH", path, json={"new_state": state})["task_instances"])
 

@@ -1,6 +1,12 @@
 """The incremental DAG on a real Airflow deployment (scheduler, dag-processor, api-server,
 LocalExecutor; tests/airflow_stack.py) against the Ray head and PostgreSQL: `airflow backfill
-create` over 7 days, twice, and a running task marked failed through the REST API."""
+create` over a week, twice, and a running task marked failed through the REST API.
+
+Every task of a backfill is a fresh Airflow task process with its own Ray Client session (5-10
+CPU-seconds each here, far more when four run at once on 2 cores): the 7-day backfill run twice
+is 84 task processes and took about 20 minutes on this machine. `make test` therefore backfills
+3 days (RAYDATA_BACKFILL_DAYS); `make test-backfill-week` runs the full week.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ from tests.dags.test_incremental import lake_rows, warehouse_rows
 from tests.integration.test_faults import committed_attempts, committed_ids, processes, wait_for_processes
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
+DAYS = int(os.environ.get("RAYDATA_BACKFILL_DAYS", "3"))
 
 PROBE_DAG = """
 import json
@@ -46,7 +53,7 @@ def test_backfill_twice_gives_the_same_tables_and_marking_a_task_failed_cancels_
     import incremental_data
 
     landing, lake, staging = tmp_path / "landing", tmp_path / "lake", tmp_path / "staging"
-    days = incremental_data.generate(7, orders_per_day=40)
+    days = incremental_data.generate(DAYS, orders_per_day=40)
     for day in days:  # the source already holds the week: a backfill after the fact
         incremental_data.apply_orders(pg.conn, day)
         incremental_data.write_payments(landing, day)
@@ -65,16 +72,17 @@ def test_backfill_twice_gives_the_same_tables_and_marking_a_task_failed_cancels_
         "PYTHONPATH": str(ROOT),
     }
     with AirflowStack(tmp_path / "home", dags, env) as stack:
-        first_runs = stack.backfill("raydata_incremental", "2024-01-01", "2024-01-07", timeout=900)
-        assert [r["state"] for r in first_runs] == ["success"] * 7, first_runs
+        last, timeout = days[-1].day.isoformat(), 600 + 200 * DAYS
+        first_runs = stack.backfill("raydata_incremental", "2024-01-01", last, timeout=timeout)
+        assert [r["state"] for r in first_runs] == ["success"] * DAYS, first_runs
         first = snapshot(pg, lake)
-        # The same contents as seven scheduled runs (tests/dags/test_incremental.py runs them day by day).
+        # The same contents as daily scheduled runs (tests/dags/test_incremental.py runs them day by day).
         orders, payments = incremental_data.expected_state(days)
         assert first["warehouse orders"] == orders and first["warehouse payments"] == payments
         assert first["lake orders"] == orders and first["lake payments"] == payments
 
-        again = stack.backfill("raydata_incremental", "2024-01-01", "2024-01-07", reprocess="completed", timeout=900)
-        assert [r["state"] for r in again] == ["success"] * 7, again
+        again = stack.backfill("raydata_incremental", "2024-01-01", last, reprocess="completed", timeout=timeout)
+        assert [r["state"] for r in again] == ["success"] * DAYS, again
         assert snapshot(pg, lake) == first  # rerunning the whole week changed nothing
         leftovers = pg.conn.execute(
             "SELECT tablename FROM pg_tables WHERE tablename LIKE '\\_raydata\\_%' AND tablename <> '_raydata_loads'"
