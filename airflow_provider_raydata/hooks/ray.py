@@ -264,8 +264,8 @@ class RayHook(BaseHook):
         raise AirflowException(f"The stage executor job {job_id} on {self.settings.where} did not start in time")
 
     def cancel(self) -> None:
-        """Cancel the running stage (``on_kill``): the executor force-cancels the stage's Ray task
-        (``ray.cancel``), which kills its process before anything is committed."""
+        """Cancel the running stage (``on_kill``, ``stage_timeout``): the executor cancels the
+        stage's Ray task (``ray.cancel``) and ends its process (``ray.kill``) before it commits."""
         if self._running is None:
             return
         import ray
@@ -405,6 +405,7 @@ _client_session: dict[str, str] = {}
 
 
 def drop_client_session() -> None:
+    """Close this process's Ray Client session: the next stage opens a new one."""
     import ray
 
     ray.shutdown()

@@ -246,6 +246,11 @@ class RayDataExtractOperator(RayDataBaseOperator):
                     "give it a logical date, or configure a 'watermark' to catch up from"
                 )
             mode = "watermark"
+        elif mode == "interval" and start == end:
+            raise AirflowFailException(
+                f"{self.task_id}: the data interval is empty ({start} to {end}): Airflow 3 cron schedules such as "
+                "'@daily' have zero-length intervals; schedule with CronDataIntervalTimetable or a timedelta"
+            )
         if mode == "watermark":
             where = spec["watermark"]
             start = postgres_watermark(where["postgres_conn_id"], where["table"], where.get("column", spec["column"]))

@@ -189,3 +189,28 @@ def test_provider_info_declares_the_connection_type():
     assert conn["hook-class-name"] == "airflow_provider_raydata.hooks.ray.RayHook"
     assert {"namespace", "runtime_env", "dashboard_url", "staging_uri"} <= set(conn["conn-fields"])
     assert "password" in conn["ui-field-behaviour"]["relabeling"]
+
+
+def test_incremental_window_by_interval_watermark_fallback_and_empty_interval():
+    from datetime import UTC, datetime
+
+    import pytest
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from airflow_provider_raydata.operators import RayDataExtractOperator
+
+    op = RayDataExtractOperator(task_id="e", source="/tmp/x", incremental={"column": "updated_at"})
+    day, next_day = datetime(2024, 1, 2, tzinfo=UTC), datetime(2024, 1, 3, tzinfo=UTC)
+    window = op.window({"data_interval_start": day, "data_interval_end": next_day})
+    assert window == {
+        "column": "updated_at",
+        "start": "2024-01-02T00:00:00+00:00",
+        "end": "2024-01-03T00:00:00+00:00",
+        "partitioned": False,
+    }
+    with pytest.raises(AirflowFailException, match="zero-length intervals"):
+        op.window({"data_interval_start": day, "data_interval_end": day})
+    with pytest.raises(AirflowFailException, match="no data interval"):
+        op.window({})
+    with pytest.raises(ValueError, match="needs 'watermark'"):
+        RayDataExtractOperator(task_id="w", source="/tmp/x", incremental={"column": "c", "mode": "watermark"})
