@@ -78,10 +78,6 @@ class StageExecutor:
         ray.wait([ref], timeout=30)
         return True
 
-    def running_stages(self) -> list[str]:
-        with self.lock:
-            return list(self.running)
-
     def pid(self) -> int:
         return os.getpid()
 
