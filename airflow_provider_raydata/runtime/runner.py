@@ -75,7 +75,7 @@ def run_stage(spec: dict[str, Any]) -> dict[str, Any]:
     elif stage == "quality":
         result.update(run_quality(ds, input_meta, spec, storage, settings["min_rows_per_file"]))
     elif stage == "load":
-        result["load"] = write_destination(ds, spec["destination"], storage, spec["load_id"])
+        result["load"] = write_destination(ds, spec["destination"], storage, spec["load_id"], input_meta["uri"])
     if stage in ("extract", "transform"):
         result["ref"] = write_output(ds, spec, storage, settings["min_rows_per_file"])
     out = result.get("ref") or {}

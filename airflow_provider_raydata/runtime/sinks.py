@@ -34,11 +34,17 @@ STAGING_DIR = "_staging"
 
 
 def write_destination(
-    ds: ray.data.Dataset, destination: dict[str, Any], storage: dict | None, load_id: str
+    ds: ray.data.Dataset, destination: dict[str, Any], storage: dict | None, load_id: str, input_uri: str
 ) -> dict[str, Any]:
+    """Write ``ds`` (the committed dataset at ``input_uri``, read as is) to the destination."""
     kind = destination.get("kind", "parquet")
+    if kind == "postgres":
+        from .postgres import stage_load  # psycopg is an optional extra
+
+        # Parallel COPYs straight from the committed files: no Ray Data pipeline in between.
+        return stage_load(input_uri, storage, destination, load_id)
     if kind not in WRITERS:
-        raise ValueError(f"Unknown destination kind {kind!r}; known kinds: {', '.join(WRITERS)}")
+        raise ValueError(f"Unknown destination kind {kind!r}; known kinds: {', '.join(sorted([*WRITERS, 'postgres']))}")
     return WRITERS[kind](ds, destination, storage, load_id)
 
 
@@ -175,12 +181,6 @@ def _delete_data(fs: pafs.FileSystem, path: str, match: Callable[[str], bool], r
             fs.delete_file(info.path)
 
 
-def stage_postgres(ds: ray.data.Dataset, destination: dict, storage: dict | None, load_id: str) -> dict:
-    from .postgres import stage_load  # psycopg is an optional extra
-
-    return stage_load(ds, destination, load_id)
-
-
 def stage_snowflake(ds: ray.data.Dataset, destination: dict, storage: dict | None, load_id: str) -> dict:
     from .snowflake import stage_load  # the Snowflake connector is an optional extra
 
@@ -191,6 +191,5 @@ def stage_snowflake(ds: ray.data.Dataset, destination: dict, storage: dict | Non
 # (see runtime/bigquery.py), so a BigQuery load needs no Ray stage.
 WRITERS: dict[str, Callable[..., dict[str, Any]]] = {
     "parquet": write_lake,
-    "postgres": stage_postgres,
     "snowflake": stage_snowflake,
 }

@@ -1,16 +1,17 @@
 """Orphaned PostgreSQL staging tables: noted at creation, swept by age, never while in use.
-Real PostgreSQL; the stage's dataset is a stand-in (no Ray cluster)."""
+Real PostgreSQL and Ray head (``stage_load``'s COPY tasks run on it)."""
 
 from __future__ import annotations
 
 import json
 from datetime import UTC, datetime, timedelta
-from types import SimpleNamespace
 
 import psycopg
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
+from airflow_provider_raydata.hooks.ray import RayHook
 from airflow_provider_raydata.hooks.warehouses import sweep_postgres
 from airflow_provider_raydata.runtime.postgres import drop_orphaned_staging_tables, publish, stage_load
 
@@ -19,20 +20,12 @@ pytestmark = pytest.mark.integration
 WEEK = timedelta(days=7)
 
 
-class FakeDataset:
-    """Just enough of a Ray Dataset for ``stage_load``: one block, written in-process."""
-
-    def __init__(self, table: pa.Table):
-        self.table = table
-
-    def schema(self):
-        return SimpleNamespace(base_schema=self.table.schema)
-
-    def repartition(self, **_):
-        return self
-
-    def write_datasink(self, sink) -> None:
-        sink.on_write_complete(SimpleNamespace(write_returns=[sink.write([self.table], None)]))
+@pytest.fixture
+def committed(tmp_path):
+    """A committed dataset's Parquet files: what ``stage_load`` copies."""
+    rows = pa.table({"id": pa.array([1, 2, 3], pa.int64()), "label": ["a", "b", "c"]})
+    pq.write_table(rows, tmp_path / "part-0.parquet")
+    return str(tmp_path)
 
 
 def tables(pg, schema: str = "public") -> set[str]:
@@ -53,25 +46,24 @@ def comment(pg, table: str) -> str | None:
     return pg.conn.execute("SELECT obj_description(to_regclass(%s), 'pg_class')", [table]).fetchone()[0]
 
 
-def test_stage_load_notes_creation_time_and_publish_keeps_the_targets_comment(pg):
-    rows = pa.table({"id": pa.array([1, 2, 3], pa.int64()), "label": ["a", "b", "c"]})
+def test_stage_load_notes_creation_time_and_publish_keeps_the_targets_comment(pg, ray_conn, committed):
     destination = {"conn": pg.params, "table": "public.facts", "mode": "overwrite"}
+    with RayHook().connect():  # stage_load's COPY tasks run on the cluster
+        plan = stage_load(committed, None, destination, "0123456789abcdef")
+        note = json.loads(comment(pg, plan["staging_table"]))
+        assert note["load_id"] == "0123456789abcdef" and note["raydata_staging"] is True
+        assert abs(datetime.fromisoformat(note["created_at"]) - datetime.now(UTC)) < timedelta(minutes=1)
+        publish(pg.conn, plan)
+        assert comment(pg, "facts") is None  # a new target does not inherit the staging note
 
-    plan = stage_load(FakeDataset(rows), destination, "0123456789abcdef")
-    note = json.loads(comment(pg, plan["staging_table"]))
-    assert note["load_id"] == "0123456789abcdef" and note["raydata_staging"] is True
-    assert abs(datetime.fromisoformat(note["created_at"]) - datetime.now(UTC)) < timedelta(minutes=1)
-    publish(pg.conn, plan)
-    assert comment(pg, "facts") is None  # a new target does not inherit the staging note
-
-    pg.conn.execute("COMMENT ON TABLE facts IS 'daily facts'")
-    publish(pg.conn, stage_load(FakeDataset(rows), destination, "0123456789abcdef"))  # swapped in
-    assert comment(pg, "facts") == "daily facts"
-    assert pg.conn.execute("SELECT count(*) FROM facts").fetchone()[0] == 3
-    appended = {"conn": pg.params, "table": "public.log", "mode": "append"}
-    publish(pg.conn, stage_load(FakeDataset(rows), appended, "fedcba9876543210"))  # CREATE TABLE ... (LIKE staging)
-    assert comment(pg, "log") is None
-    assert drop_orphaned_staging_tables(pg.conn, ["public"], timedelta(0)) == []  # nothing left behind
+        pg.conn.execute("COMMENT ON TABLE facts IS 'daily facts'")
+        publish(pg.conn, stage_load(committed, None, destination, "0123456789abcdef"))  # swapped in
+        assert comment(pg, "facts") == "daily facts"
+        assert pg.conn.execute("SELECT count(*) FROM facts").fetchone()[0] == 3
+        appended = {"conn": pg.params, "table": "public.log", "mode": "append"}
+        publish(pg.conn, stage_load(committed, None, appended, "fedcba9876543210"))  # CREATE TABLE ... (LIKE staging)
+        assert comment(pg, "log") is None
+        assert drop_orphaned_staging_tables(pg.conn, ["public"], timedelta(0)) == []  # nothing left behind
 
 
 def test_orphans_older_than_the_cutoff_are_dropped(pg):
