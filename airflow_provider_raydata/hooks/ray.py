@@ -20,7 +20,9 @@ from typing import Any
 from urllib.parse import urlparse
 
 from airflow.sdk import BaseHook
-from airflow.sdk.exceptions import AirflowException, AirflowNotFoundException
+from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowNotFoundException
+
+from airflow_provider_raydata.runtime.specs import DataError
 
 DEFAULT_CLIENT_PORT = 10001
 DEFAULT_CONNECT_TIMEOUT = 30.0
@@ -80,6 +82,7 @@ class RayHook(BaseHook):
         self._running = None
         self._executor = None
         self._stage_id = ""
+        self._awaiting_commit = False
 
     @classmethod
     def get_ui_field_behaviour(cls) -> dict[str, Any]:
@@ -197,13 +200,17 @@ class RayHook(BaseHook):
             # Airflow's SIGTERM handler calls on_kill -> cancel() on it.
             waiter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raydata-stage")
             try:
-                return waiter.submit(ray.get, self._running).result(timeout=timeout)
+                result = waiter.submit(ray.get, self._running).result(timeout=timeout)
+                self._awaiting_commit = bool(result.get("awaiting_commit"))
+                return result
             except FutureTimeout:
                 self.cancel()
                 drop_client_session()
                 raise AirflowException(f"Stage did not finish within {timeout}s on {self.settings.where}") from None
             except RayTaskError as exc:
                 self.log.error("Stage failed on %s:\n%s", self.settings.where, exc)
+                if isinstance(exc, DataError) or isinstance(getattr(exc, "cause", None), DataError):
+                    raise AirflowFailException(f"Stage failed on {self.settings.where}: {root_cause(exc)}") from None
                 raise AirflowException(f"Stage failed on {self.settings.where}: {root_cause(exc)}") from None
             except (RayError, ConnectionError) as exc:
                 drop_client_session()  # a dropped connection: the next stage starts a new session
@@ -213,6 +220,22 @@ class RayHook(BaseHook):
             finally:
                 waiter.shutdown(wait=False)
                 self._running = None
+
+    def commit_stage(self, commit: bool = True) -> None:
+        """Commit (or roll back) the transaction the last stage, a load, left open on the cluster."""
+        import ray
+
+        if not self._awaiting_commit:
+            return
+        self._awaiting_commit = False
+        with self.connect():
+            done = ray.get(self._executor.commit.remote(self._stage_id, commit), timeout=CANCEL_TIMEOUT)
+        if commit and not done:
+            raise AirflowException(
+                f"The load on {self.settings.where} was rolled back before this task could commit it (it waited"
+                " longer than the executor's commit wait, or a newer try of this task replaced it): nothing was"
+                " published"
+            )
 
     def stage_executor(self):
         """The cluster's long-lived stage driver for this namespace and runtime_env.
@@ -266,7 +289,7 @@ class RayHook(BaseHook):
     def cancel(self) -> None:
         """Cancel the running stage (``on_kill``, ``stage_timeout``): the executor cancels the
         stage's Ray task (``ray.cancel``) and ends its process (``ray.kill``) before it commits."""
-        if self._running is None:
+        if self._running is None and not self._awaiting_commit:
             return
         import ray
 

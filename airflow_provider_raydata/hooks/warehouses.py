@@ -120,21 +120,6 @@ def postgres_watermark(conn_id: str, table: str, column: str) -> Any:
         return cur.fetchone()[0]
 
 
-def publish_postgres(conn_id: str, plan: dict[str, Any]) -> dict[str, Any]:
-    """Run the load's publish transaction through PostgresHook's own connection."""
-    from airflow_provider_raydata.runtime.postgres import drop_staging_tables, publish
-
-    conn = postgres_hook(conn_id).get_conn()
-    try:
-        return publish(conn, plan)
-    except BaseException:
-        with conn.transaction(), conn.cursor() as cur:  # the rolled-back load's staged rows
-            drop_staging_tables(cur, plan["schema"], plan["load_id"])
-        raise
-    finally:
-        conn.close()
-
-
 def sweep_postgres(conn_id: str, schemas: list[str], older_than: timedelta, dry_run: bool = False) -> list[str]:
     """Drop the orphaned staging tables of killed loads, through PostgresHook's own connection."""
     from airflow_provider_raydata.runtime.postgres import drop_orphaned_staging_tables
@@ -170,7 +155,7 @@ def load_bigquery(ref: dict[str, Any] | str, destination: dict[str, Any], load_i
     return publish(hook.get_client(project_id=plan["project"], location=plan.get("location")), plan)
 
 
-PUBLISHERS = {"postgres": publish_postgres, "snowflake": publish_snowflake}
+PUBLISHERS = {"snowflake": publish_snowflake}
 
 
 def publish_load(destination: dict[str, Any], plan: dict[str, Any]) -> dict[str, Any]:

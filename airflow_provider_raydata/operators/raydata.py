@@ -434,9 +434,12 @@ class RayDataLoadOperator(RayDataBaseOperator):
     :param partition_by: partition columns (e.g. a date column).
     :param keys: key columns for ``upsert``.
 
-    PostgreSQL and Snowflake loads stage the rows in parallel into a staging table on the
-    cluster (COPY; Snowflake: PUT of Parquet files + COPY INTO), then this task publishes them
-    in one transaction: a failed or killed load leaves the table as it was. BigQuery loads need
+    PostgreSQL loads are published on the cluster in one transaction (append and
+    replace_partition: one COPY straight into the table; overwrite and upsert: parallel COPYs into
+    a staging table first, then a swap or ``INSERT ... ON CONFLICT``), which this task commits
+    once it has the stage's result. Snowflake loads stage the rows on the cluster (PUT of Parquet
+    files + COPY INTO) and this task publishes them in one transaction. Either way a failed or
+    killed load leaves the table as it was. BigQuery loads need
     no Ray stage: its load jobs read the gs:// Parquet handoff directly (``replace_partition``
     there needs ``"partition": "YYYYMMDD"`` and loads into ``table$YYYYMMDD``).
     """
@@ -500,11 +503,14 @@ class RayDataLoadOperator(RayDataBaseOperator):
         return {"input": self.resolve_input(self.input), "destination": destination, "load_id": load_id}
 
     def handle_result(self, context, result: dict[str, Any]) -> Any:
-        # Staged on the cluster (PostgreSQL, Snowflake): publish in one transaction here.
-        try:
-            load = publish_load(self.destination_spec(), result["load"])
-        except ValueError as exc:  # the data cannot be published as asked: a retry would not help
-            raise AirflowFailException(f"{self.task_id}: {exc}") from exc
+        if result.get("awaiting_commit"):  # PostgreSQL: published on the cluster, committed now
+            self.hook.commit_stage()
+            load = result["load"]
+        else:  # Snowflake: staged on the cluster, published here in one transaction
+            try:
+                load = publish_load(self.destination_spec(), result["load"])
+            except ValueError as exc:  # the data cannot be published as asked: a retry would not help
+                raise AirflowFailException(f"{self.task_id}: {exc}") from exc
         if load.get("skipped"):
             self.log.warning(
                 "This run's append to %s was already published by an earlier try: nothing appended twice",

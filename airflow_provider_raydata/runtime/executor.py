@@ -9,6 +9,10 @@ from typing import Any
 
 import ray
 
+# How long a load published in an open transaction waits for its Airflow task to commit it; then
+# its process is ended and PostgreSQL rolls it back (the task died or lost the cluster).
+COMMIT_WAIT_SECONDS = 120
+
 
 @ray.remote(num_cpus=0, max_restarts=0)
 class StageProcess:
@@ -24,6 +28,11 @@ class StageProcess:
 
         return run_stage(spec)
 
+    def finish(self, stage_id: str, commit: bool) -> None:
+        from .runner import finish_stage
+
+        finish_stage(stage_id, commit)
+
 
 @ray.remote(num_cpus=0, max_concurrency=16)
 class StageExecutor:
@@ -36,40 +45,71 @@ class StageExecutor:
     ended, never reused. A newer try of the same Airflow task (same DAG, run and task id) supersedes an
     older one that is still running (its Airflow process may have died with the Ray Client
     connection), so two tries of a task never write at the same time.
+
+    A load stage may end with its rows published in a transaction left open: its process is then
+    held, not reused, until the task calls ``commit`` (or ``cancel``), at most
+    ``COMMIT_WAIT_SECONDS``.
     """
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.running: dict[str, tuple[tuple, Any, ray.ObjectRef]] = {}  # stage_id -> (identity, process, ref)
         self.idle: list[Any] = []  # warm StageProcesses
+        self.held: dict[str, tuple[tuple, Any]] = {}  # stage_id -> (identity, process): awaiting commit
 
     def run(self, spec: dict[str, Any]) -> dict[str, Any]:
         stage_id, identity = spec["stage_id"], _identity(spec)
         with self.lock:
-            older = [sid for sid, entry in self.running.items() if identity and entry[0] == identity]
+            entries = [*self.running.items(), *self.held.items()]
+            older = [sid for sid, entry in entries if identity and entry[0] == identity]
             process = self.idle.pop() if self.idle else StageProcess.remote()
         for sid in older:
             self.cancel(sid)
         ref = process.run.options(name=spec.get("name") or "raydata-stage").remote(spec)
         with self.lock:
             self.running[stage_id] = (identity, process, ref)
-        reusable = False
+        result: dict[str, Any] | None = None
         try:
             result = ray.get(ref)
-            reusable = True
             return result
         finally:
             with self.lock:
                 cancelled = self.running.pop(stage_id, None) is None
-                if reusable and not cancelled:
-                    self.idle.append(process)
-            if not reusable:
+                if result is not None and not cancelled:
+                    if result.get("awaiting_commit"):
+                        self.held[stage_id] = (identity, process)
+                        threading.Timer(COMMIT_WAIT_SECONDS, self.cancel, [stage_id]).start()
+                    else:
+                        self.idle.append(process)
+            if result is None:
                 ray.kill(process)
 
+    def commit(self, stage_id: str, commit: bool = True) -> bool:
+        """Commit (or roll back) a load stage's open transaction. False if it is no longer held
+        (it waited too long, or a newer try of its task replaced it): then nothing was published."""
+        with self.lock:
+            entry = self.held.pop(stage_id, None)
+        if entry is None:
+            return False
+        process = entry[1]
+        try:
+            ray.get(process.finish.remote(stage_id, commit))
+        except BaseException:
+            ray.kill(process)
+            raise
+        with self.lock:
+            self.idle.append(process)
+        return True
+
     def cancel(self, stage_id: str) -> bool:
-        """Stop a running stage: cancel its Ray task and end its process. False if it was not running."""
+        """Stop a running stage (cancel its Ray task and end its process) or roll back a held one.
+        False if it was neither."""
         with self.lock:
             entry = self.running.pop(stage_id, None)
+            held = self.held.pop(stage_id, None)
+        if held is not None:  # its open transaction ends with the process: PostgreSQL rolls it back
+            ray.kill(held[1], no_restart=True)
+            return True
         if entry is None:
             return False
         _, process, ref = entry

@@ -21,7 +21,7 @@ import json
 import re
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -30,10 +30,12 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from .refs import data_files
-from .specs import load_columns
+from .specs import DataError, load_columns
 from .storage import filesystem_for
 
 LEDGER = "_raydata_loads"
+# Modes whose publish COPYs straight into the target: a staging table would cost a second copy.
+DIRECT_MODES = ("append", "replace_partition")
 STAGING_PREFIX = "_raydata_"
 COPY_BATCH_ROWS = 262_144  # CSV-encoded per chunk; smaller chunks cost more per row
 
@@ -249,8 +251,9 @@ def mark_staging_table(cur, staging, load_id: str) -> None:
 
 
 def stage_load(uri: str, storage: dict | None, destination: dict[str, Any], load_id: str) -> dict[str, Any]:
-    """COPY the committed Parquet dataset at ``uri`` into a new staging table in parallel; return
-    the plan for ``publish``."""
+    """Check the load against the target and return the plan for ``publish``. For overwrite and
+    upsert, first COPY the committed Parquet dataset at ``uri`` into a new staging table in
+    parallel; append and replace_partition COPY inside the publish transaction instead."""
     sql = _sql()
     schema_name, table = table_parts(destination["table"])
     fs, path = filesystem_for(uri, storage)
@@ -258,6 +261,25 @@ def stage_load(uri: str, storage: dict | None, destination: dict[str, Any], load
     arrow_schema = _dataset_schema(fs, files)
     columns = arrow_schema.names
     mode, keys, partition_by = load_columns(destination, columns)
+    plan = {
+        "kind": "postgres",
+        "destination": f"{schema_name}.{table}",
+        "schema": schema_name,
+        "table": table,
+        "staging_table": None,
+        "columns": columns,
+        "column_types": [pg_type(f) for f in arrow_schema],
+        "mode": mode,
+        "keys": keys,
+        "partition_by": partition_by,
+        "sequence_by": destination.get("sequence_by"),
+        "delete_column": destination.get("delete_column"),
+        "load_id": load_id,
+        "uri": uri,
+        "files": [f.path for f in files],
+        "rows_written": 0,
+        "copy_seconds": 0.0,
+    }
     target = sql.Identifier(schema_name, table)
     staging_name = f"{STAGING_PREFIX}{load_id}_{uuid.uuid4().hex[:8]}"
     staging = sql.Identifier(schema_name, staging_name)
@@ -270,6 +292,8 @@ def stage_load(uri: str, storage: dict | None, destination: dict[str, Any], load
                 raise ValueError(
                     f"Column {unknown[0]!r} is not in table {schema_name}.{table} (its columns: {', '.join(existing)})"
                 )
+        if mode in DIRECT_MODES:
+            return plan
         if mode == "overwrite" and existing is not None:
             # A full, logged copy of the target's definition: publish swaps it in (no second copy).
             cur.execute(sql.SQL("CREATE TABLE {} (LIKE {} INCLUDING ALL)").format(staging, target))
@@ -281,35 +305,27 @@ def stage_load(uri: str, storage: dict | None, destination: dict[str, Any], load
             )
         else:
             # No key on the staging table: publish checks repeated keys and names them.
-            definition = [sql.SQL("{} {}").format(sql.Identifier(f.name), sql.SQL(pg_type(f))) for f in arrow_schema]
             kind = sql.SQL("TABLE" if mode == "overwrite" else "UNLOGGED TABLE")
-            cur.execute(sql.SQL("CREATE {} {} ({})").format(kind, staging, sql.SQL(", ").join(definition)))
+            cur.execute(sql.SQL("CREATE {} {} ({})").format(kind, staging, definition(plan)))
         mark_staging_table(cur, staging, load_id)  # same transaction: never visible unmarked
     started = time.perf_counter()
     try:
-        rows_written = copy_in_parallel(
+        plan["rows_written"] = copy_in_parallel(
             uri, fs, files, storage, destination["conn"], (schema_name, staging_name), columns
         )
     except BaseException:
         with connect(destination["conn"]) as conn:
             conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(staging))
         raise
-    return {
-        "kind": "postgres",
-        "destination": f"{schema_name}.{table}",
-        "schema": schema_name,
-        "table": table,
-        "staging_table": staging_name,
-        "columns": columns,
-        "mode": mode,
-        "keys": keys,
-        "partition_by": partition_by,
-        "sequence_by": destination.get("sequence_by"),
-        "delete_column": destination.get("delete_column"),
-        "load_id": load_id,
-        "rows_written": rows_written,
-        "copy_seconds": round(time.perf_counter() - started, 3),
-    }
+    plan.update(staging_table=staging_name, copy_seconds=round(time.perf_counter() - started, 3))
+    return plan
+
+
+def definition(plan: dict[str, Any]):
+    """A table's column list from the Arrow schema's PostgreSQL types."""
+    sql = _sql()
+    pairs = zip(plan["columns"], plan["column_types"], strict=True)
+    return sql.SQL(", ").join(sql.SQL("{} {}").format(sql.Identifier(name), sql.SQL(kind)) for name, kind in pairs)
 
 
 def _dataset_schema(fs, files) -> pa.Schema:
@@ -360,54 +376,90 @@ def _shares(fs, files, tasks: int) -> list[list[tuple[str, list[int] | None]]]:
 def copy_parquet(
     uri: str, share, storage: dict | None, conn_params: dict, table: tuple[str, str], columns: list[str]
 ) -> int:
-    """One COPY of a share of Parquet files (CSV encoded by pyarrow); returns the rows written."""
+    """One COPY of a share of Parquet files, committed on its own connection; returns the rows written."""
+    with connect(conn_params) as conn, conn.cursor() as cur:
+        return copy_files(cur, filesystem_for(uri, storage)[0], share, table, columns)
+
+
+def copy_files(cur, fs, share, table: tuple[str, str], columns: list[str]) -> int:
+    """COPY ``(path, row groups or None)`` pieces of Parquet files through ``cur`` (CSV encoded by pyarrow)."""
     from psycopg.copy import QueuedLibpqWriter
 
     sql = _sql()
-    fs = filesystem_for(uri, storage)[0]
     statement = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT csv)").format(sql.Identifier(*table), idents(columns))
     options = pacsv.WriteOptions(include_header=False)
     rows = 0
-    with connect(conn_params) as conn, conn.cursor() as cur:
-        # The queued writer sends one chunk while the next one is being encoded.
-        with cur.copy(statement, writer=QueuedLibpqWriter(cur)) as copy:
-            for path, row_groups in share:
-                with fs.open_input_file(path) as handle:
-                    reader = pq.ParquetFile(handle)
-                    for batch in reader.iter_batches(COPY_BATCH_ROWS, row_groups=row_groups, columns=columns):
-                        buffer = io.BytesIO()
-                        pacsv.write_csv(batch, buffer, options)  # NULL: unquoted empty; '': quoted, as COPY reads
-                        copy.write(buffer.getvalue())
-                        rows += batch.num_rows
+    # The queued writer sends one chunk while the next one is being encoded.
+    with cur.copy(statement, writer=QueuedLibpqWriter(cur)) as copy:
+        for path, row_groups in share:
+            with fs.open_input_file(path) as handle:
+                reader = pq.ParquetFile(handle)
+                for batch in reader.iter_batches(COPY_BATCH_ROWS, row_groups=row_groups, columns=columns):
+                    buffer = io.BytesIO()
+                    pacsv.write_csv(batch, buffer, options)  # NULL: unquoted empty; '': quoted, as COPY reads
+                    copy.write(buffer.getvalue())
+                    rows += batch.num_rows
     return rows
 
 
 # --- loading: publish on the Airflow worker ----------------------------------------------
 
 
-def publish(conn, plan: dict[str, Any]) -> dict[str, Any]:
-    """Move the staged rows into the target in one transaction (conn: a psycopg 3 connection)."""
+def load(
+    uri: str, storage: dict | None, destination: dict[str, Any], load_id: str
+) -> tuple[dict[str, Any], Callable[[bool], None]]:
+    """Stage and publish a load in one transaction that is left open: ``finish(True)`` commits it,
+    ``finish(False)`` rolls it back; so does the end of this process (PostgreSQL rolls back the
+    transaction of a closed connection). The Airflow task asks for the commit only once it holds
+    the result: a task killed before that leaves the target exactly as it was."""
+    plan = stage_load(uri, storage, destination, load_id)
+    conn = connect(destination["conn"])
+    try:
+        conn.execute("SELECT 1")  # opens the transaction; publish then runs in a savepoint of it
+        result = publish(conn, plan, storage)
+    except BaseException as exc:
+        conn.close()
+        if plan["staging_table"]:  # the rolled-back load's staged rows
+            with connect(destination["conn"]) as cleanup, cleanup.cursor() as cur:
+                drop_staging_tables(cur, plan["schema"], load_id)
+        if isinstance(exc, ValueError) and not isinstance(exc, DataError):
+            raise DataError(str(exc)) from None
+        raise
+
+    def finish(commit: bool) -> None:
+        try:
+            conn.commit() if commit else conn.rollback()
+        finally:
+            conn.close()
+
+    return result, finish
+
+
+def publish(conn, plan: dict[str, Any], storage: dict | None = None) -> dict[str, Any]:
+    """Move the staged rows (or, for append and replace_partition, the committed Parquet files,
+    read with ``storage``) into the target in one transaction (conn: a psycopg 3 connection)."""
     started = time.perf_counter()
-    result = _publish(conn, plan)
+    result = _publish(conn, plan, storage)
     return {**result, "publish_seconds": round(time.perf_counter() - started, 3)}
 
 
-def _publish(conn, plan: dict[str, Any]) -> dict[str, Any]:
+def _publish(conn, plan: dict[str, Any], storage: dict | None) -> dict[str, Any]:
     from psycopg import errors
 
     sql = _sql()
     schema, table, mode = plan["schema"], plan["table"], plan["mode"]
-    target, staging = sql.Identifier(schema, table), sql.Identifier(schema, plan["staging_table"])
-    columns = idents(plan["columns"])
+    target, columns = sql.Identifier(schema, table), idents(plan["columns"])
+    staging = sql.Identifier(schema, plan["staging_table"]) if plan["staging_table"] else None
     ledger = sql.Identifier(schema, LEDGER)
     result = {key: plan[key] for key in ("destination", "mode", "rows_written", "load_id", "copy_seconds")}
     result.update(rows_deleted=0, skipped=False, partitions=[])
     with conn.transaction(), conn.cursor() as cur:
         # One publisher per table at a time (a retry may overlap a killed try's orphan stage).
         cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [plan["destination"]])
-        cur.execute("SELECT to_regclass(%s)", [staging.as_string(conn)])
-        if cur.fetchone()[0] is None:
-            raise RuntimeError(f"Staging table {schema}.{plan['staging_table']} is gone: the load must be rerun")
+        if staging is not None:
+            cur.execute("SELECT to_regclass(%s)", [staging.as_string(conn)])
+            if cur.fetchone()[0] is None:
+                raise RuntimeError(f"Staging table {schema}.{plan['staging_table']} is gone: the load must be rerun")
         cur.execute(
             sql.SQL(
                 "CREATE TABLE IF NOT EXISTS {} (target text, load_id text, mode text, rows bigint,"
@@ -423,7 +475,8 @@ def _publish(conn, plan: dict[str, Any]) -> dict[str, Any]:
             [plan["destination"], plan["load_id"], mode, plan["rows_written"]],
         )
         if cur.fetchone() is None:  # this run's append was already published: never twice
-            cur.execute(sql.SQL("DROP TABLE {}").format(staging))
+            if staging is not None:
+                cur.execute(sql.SQL("DROP TABLE {}").format(staging))
             return {**result, "skipped": True, "rows_written": 0}
         exists = table_columns(cur, schema, table) is not None
         if mode == "overwrite":
@@ -432,23 +485,20 @@ def _publish(conn, plan: dict[str, Any]) -> dict[str, Any]:
         if not exists:
             keys = plan["keys"] if mode == "upsert" else []
             primary = sql.SQL(", PRIMARY KEY ({})").format(idents(keys)) if keys else sql.SQL("")
-            cur.execute(sql.SQL("CREATE TABLE {} (LIKE {}{})").format(target, staging, primary))
-        rows = sql.SQL("SELECT {} FROM {}").format(columns, staging)
-        if mode == "replace_partition":
-            keys = plan["partition_by"]
-            match = sql.SQL(" AND ").join(
-                sql.SQL("t.{0} IS NOT DISTINCT FROM s.{0}").format(sql.Identifier(k)) for k in keys
-            )
+            cur.execute(sql.SQL("CREATE TABLE {} ({}{})").format(target, definition(plan), primary))
+        if staging is None:  # append, replace_partition: one COPY straight into the target
+            fs = filesystem_for(plan["uri"], storage)[0]
+            if mode == "replace_partition":
+                result["rows_deleted"], result["partitions"] = _delete_partitions(cur, fs, plan, target)
+            started = time.perf_counter()
+            rows = copy_files(cur, fs, [(path, None) for path in plan["files"]], (schema, table), plan["columns"])
+            result.update(rows_written=rows, copy_seconds=round(time.perf_counter() - started, 3))
             cur.execute(
-                sql.SQL("DELETE FROM {} AS t USING (SELECT DISTINCT {} FROM {}) AS s WHERE {}").format(
-                    target, idents(keys), staging, match
-                )
+                sql.SQL("UPDATE {} SET rows = %s WHERE target = %s AND load_id = %s").format(ledger),
+                [rows, plan["destination"], plan["load_id"]],
             )
-            result["rows_deleted"] = cur.rowcount
-            cur.execute(sql.SQL("SELECT DISTINCT {} FROM {}").format(idents(keys), staging))
-            result["partitions"] = sorted("/".join(map(str, row)) for row in cur.fetchall())
-        if mode == "upsert":
-            rows, result["rows_deleted"] = _upsert_rows(cur, plan, target, staging, columns)
+            return result
+        rows, result["rows_deleted"] = _upsert_rows(cur, plan, target, staging, columns)
         try:
             cur.execute(sql.SQL("INSERT INTO {} AS t ({}) ").format(target, columns) + rows + _on_conflict(plan))
         except errors.InvalidColumnReference as exc:  # no unique index for ON CONFLICT
@@ -458,6 +508,32 @@ def _publish(conn, plan: dict[str, Any]) -> dict[str, Any]:
             ) from exc
         cur.execute(sql.SQL("DROP TABLE {}").format(staging))
     return result
+
+
+def _delete_partitions(cur, fs, plan, target) -> tuple[int, list[str]]:
+    """Delete the target's rows whose partition key is one of this load's (read from its files)."""
+    sql = _sql()
+    keys = plan["partition_by"]
+    tables = [pq.read_table(path, columns=keys, filesystem=fs) for path in plan["files"]]
+    found = pa.concat_tables(tables).group_by(keys).aggregate([]) if tables else None
+    if found is None or found.num_rows == 0:
+        return 0, []
+    values = [found.column(k).to_pylist() for k in keys]
+    types = dict(zip(plan["columns"], plan["column_types"], strict=True))
+    tests = []
+    for key, column in zip(keys, values, strict=True):
+        # "=" joins by hash; NULL partitions need IS NOT DISTINCT FROM, which compares row by row.
+        test = "t.{0} IS NOT DISTINCT FROM s.{0}" if None in column else "t.{0} = s.{0}"
+        tests.append(sql.SQL(test).format(sql.Identifier(key)))
+    arrays = sql.SQL(", ").join(sql.SQL("%s::{}[]").format(sql.SQL(types[k])) for k in keys)
+    cur.execute(
+        sql.SQL("DELETE FROM {} AS t USING unnest({}) AS s({}) WHERE {}").format(
+            target, arrays, idents(keys), sql.SQL(" AND ").join(tests)
+        ),
+        values,
+    )
+    partitions = sorted("/".join(map(str, row)) for row in zip(*values, strict=True))
+    return cur.rowcount, partitions
 
 
 def _upsert_rows(cur, plan, target, staging, columns):

@@ -39,10 +39,12 @@ def write_destination(
     """Write ``ds`` (the committed dataset at ``input_uri``, read as is) to the destination."""
     kind = destination.get("kind", "parquet")
     if kind == "postgres":
-        from .postgres import stage_load  # psycopg is an optional extra
+        from .postgres import load  # psycopg is an optional extra
 
-        # Parallel COPYs straight from the committed files: no Ray Data pipeline in between.
-        return stage_load(input_uri, storage, destination, load_id)
+        # COPYs straight from the committed files (no Ray Data pipeline in between), published
+        # in a transaction the stage's caller commits with ``finish``.
+        result, finish = load(input_uri, storage, destination, load_id)
+        return {**result, "finish": finish}
     if kind not in WRITERS:
         raise ValueError(f"Unknown destination kind {kind!r}; known kinds: {', '.join(sorted([*WRITERS, 'postgres']))}")
     return WRITERS[kind](ds, destination, storage, load_id)

@@ -21,6 +21,12 @@ MAP_BATCHES_OPTIONS = ("batch_format", "batch_size", "concurrency", "num_cpus", 
 # every batch instead of hash-shuffling both sides: Ray's hash join costs seconds of actor start-up.
 BROADCAST_JOIN_MAX_BYTES = 256 * 1024 * 1024
 
+
+class DataError(ValueError):
+    """The rows cannot be loaded as asked (a key repeated in the load, no unique index for an
+    upsert): a retry would not help, so the task fails without retrying."""
+
+
 STEP_FIELDS: dict[str, set[str]] = {
     "map_batches": {"fn", *MAP_BATCHES_OPTIONS},
     "select": {"columns"},
