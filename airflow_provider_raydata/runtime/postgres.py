@@ -231,6 +231,17 @@ def table_columns(cur, schema: str, table: str) -> list[str] | None:
     return None if cur.fetchone()[0] is None else []
 
 
+def ensure_ledger(cur, schema: str) -> None:
+    """The table recording published loads (target, load id), in the target's schema."""
+    sql = _sql()
+    cur.execute(
+        sql.SQL(
+            "CREATE TABLE IF NOT EXISTS {} (target text, load_id text, mode text, rows bigint,"
+            " loaded_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (target, load_id))"
+        ).format(sql.Identifier(schema, LEDGER))
+    )
+
+
 def drop_staging_tables(cur, schema: str, load_id: str) -> None:
     """Drop what earlier tries of this load left behind (a killed task never published them)."""
     sql = _sql()
@@ -284,6 +295,9 @@ def stage_load(uri: str, storage: dict | None, destination: dict[str, Any], load
     staging_name = f"{STAGING_PREFIX}{load_id}_{uuid.uuid4().hex[:8]}"
     staging = sql.Identifier(schema_name, staging_name)
     with connect(destination["conn"]) as conn, conn.cursor() as cur:
+        # Committed now, not in the long publish transaction: loads into other tables of the
+        # schema would otherwise wait for that whole transaction on the first CREATE.
+        ensure_ledger(cur, schema_name)
         drop_staging_tables(cur, schema_name, load_id)
         existing = table_columns(cur, schema_name, table)
         if existing is not None:
@@ -413,9 +427,8 @@ def load(
     transaction of a closed connection). The Airflow task asks for the commit only once it holds
     the result: a task killed before that leaves the target exactly as it was."""
     plan = stage_load(uri, storage, destination, load_id)
-    conn = connect(destination["conn"])
+    conn = connect(destination["conn"])  # not autocommit: the first statement opens the transaction
     try:
-        conn.execute("SELECT 1")  # opens the transaction; publish then runs in a savepoint of it
         result = publish(conn, plan, storage)
     except BaseException as exc:
         conn.close()
@@ -437,7 +450,8 @@ def load(
 
 def publish(conn, plan: dict[str, Any], storage: dict | None = None) -> dict[str, Any]:
     """Move the staged rows (or, for append and replace_partition, the committed Parquet files,
-    read with ``storage``) into the target in one transaction (conn: a psycopg 3 connection)."""
+    read with ``storage``) into the target, in the caller's transaction on ``conn`` (psycopg 3,
+    not in autocommit mode): the caller commits or rolls back."""
     started = time.perf_counter()
     result = _publish(conn, plan, storage)
     return {**result, "publish_seconds": round(time.perf_counter() - started, 3)}
@@ -453,19 +467,14 @@ def _publish(conn, plan: dict[str, Any], storage: dict | None) -> dict[str, Any]
     ledger = sql.Identifier(schema, LEDGER)
     result = {key: plan[key] for key in ("destination", "mode", "rows_written", "load_id", "copy_seconds")}
     result.update(rows_deleted=0, skipped=False, partitions=[])
-    with conn.transaction(), conn.cursor() as cur:
+    with conn.cursor() as cur:
         # One publisher per table at a time (a retry may overlap a killed try's orphan stage).
         cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [plan["destination"]])
         if staging is not None:
             cur.execute("SELECT to_regclass(%s)", [staging.as_string(conn)])
             if cur.fetchone()[0] is None:
                 raise RuntimeError(f"Staging table {schema}.{plan['staging_table']} is gone: the load must be rerun")
-        cur.execute(
-            sql.SQL(
-                "CREATE TABLE IF NOT EXISTS {} (target text, load_id text, mode text, rows bigint,"
-                " loaded_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (target, load_id))"
-            ).format(ledger)
-        )
+        ensure_ledger(cur, schema)
         cur.execute(
             sql.SQL(
                 "INSERT INTO {} (target, load_id, mode, rows) VALUES (%s, %s, %s, %s) ON CONFLICT (target, load_id)"

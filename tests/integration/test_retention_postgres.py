@@ -53,15 +53,20 @@ def test_stage_load_notes_creation_time_and_publish_keeps_the_targets_comment(pg
         note = json.loads(comment(pg, plan["staging_table"]))
         assert note["load_id"] == "0123456789abcdef" and note["raydata_staging"] is True
         assert abs(datetime.fromisoformat(note["created_at"]) - datetime.now(UTC)) < timedelta(minutes=1)
-        publish(pg.conn, plan)
+        with pg.conn.transaction():
+            publish(pg.conn, plan)
         assert comment(pg, "facts") is None  # a new target does not inherit the staging note
 
         pg.conn.execute("COMMENT ON TABLE facts IS 'daily facts'")
-        publish(pg.conn, stage_load(committed, None, destination, "0123456789abcdef"))  # swapped in
+        again = stage_load(committed, None, destination, "0123456789abcdef")
+        with pg.conn.transaction():
+            publish(pg.conn, again)  # swapped in
         assert comment(pg, "facts") == "daily facts"
         assert pg.conn.execute("SELECT count(*) FROM facts").fetchone()[0] == 3
         appended = {"conn": pg.params, "table": "public.log", "mode": "append"}
-        publish(pg.conn, stage_load(committed, None, appended, "fedcba9876543210"))  # CREATE TABLE ... (LIKE staging)
+        log = stage_load(committed, None, appended, "fedcba9876543210")
+        with pg.conn.transaction():
+            publish(pg.conn, log)  # creates the table from the Arrow schema
         assert comment(pg, "log") is None
         assert drop_orphaned_staging_tables(pg.conn, ["public"], timedelta(0)) == []  # nothing left behind
 

@@ -121,3 +121,26 @@ def test_gcs_options_build_a_token_filesystem():
     fs, path = filesystem_for("gs://bucket/dir/", options)
     assert isinstance(fs, pafs.GcsFileSystem) and path == "bucket/dir"
     assert fs.project_id == "p"
+
+
+def test_copy_shares_balance_files_and_split_a_single_file_by_row_groups(tmp_path):
+    """Parallel COPY tasks get about equal shares: whole files, or row groups of one big file."""
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+
+    from airflow_provider_raydata.runtime.postgres import _shares
+    from airflow_provider_raydata.runtime.refs import data_files
+
+    fs = pafs.LocalFileSystem()
+    for index, rows in enumerate([4000, 1000, 1000, 1000, 1000]):
+        pq.write_table(pa.table({"id": pa.array(range(rows), pa.int64())}), tmp_path / f"part-{index}.parquet")
+    shares = _shares(fs, data_files(fs, str(tmp_path)), 2)
+    assert sorted(len(share) for share in shares) == [1, 4]  # the big file alone, the four small together
+    assert all(groups is None for share in shares for _, groups in share)
+
+    one = tmp_path / "one"
+    one.mkdir()
+    pq.write_table(pa.table({"id": pa.array(range(4000), pa.int64())}), one / "part-0.parquet", row_group_size=1000)
+    shares = _shares(fs, data_files(fs, str(one)), 2)
+    assert sorted(sorted(g for _, [g] in share) for share in shares) == [[0, 2], [1, 3]]
