@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: install test test-backfill-week lint demo bench bench-quality bench-incremental clean
+.PHONY: install test test-backfill-week lint demo bench bench-quality bench-incremental bench-postgres clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -32,6 +32,9 @@ bench-quality: install
 
 bench-incremental: install
 	$(PY) benchmarks/incremental.py --orders-per-day 20000 --history-days 1 30 --repeats 3
+
+bench-postgres: install  # about 15 minutes here
+	$(PY) benchmarks/postgres_load.py --scale 1 --to-sql-rows 1000000 --repeats 3
 
 clean:
 	rm -rf .demo .bench build *.egg-info

@@ -1,16 +1,18 @@
 """Loading TPC-H SF1 lineitem into PostgreSQL: RayDataLoadOperator against psql's \\copy and
 pandas.DataFrame.to_sql, in the same run, on the same server.
 
-    python benchmarks/postgres_load.py [--scale 1] [--out benchmarks/results/postgres_load.json]
+    python benchmarks/postgres_load.py [--scale 1] [--repeats 3] [--out benchmarks/results/postgres_load.json]
 
 Starts a PostgreSQL server (initdb; fsync on, max_wal_size 4GB so that checkpoints do not
 dominate) and a Ray head (2 CPUs, over ray://). Every method loads all rows into an empty table:
   psql_copy        psql -c "\\copy lineitem FROM 'lineitem.csv' CSV" (the server's own limit)
+  psql_copy_primary_key  the same into a table with the primary key (l_orderkey, l_linenumber)
   to_sql           pandas.DataFrame.to_sql through SQLAlchemy/psycopg (chunks of 100k rows)
   operator_<mode>  RayDataLoadOperator.execute() from a committed Parquet reference, per mode
                    (overwrite into a missing table, append, replace_partition on l_shipdate,
                    upsert on the primary key (l_orderkey, l_linenumber))
-Reports seconds, rows/s and the ratio of each method's rows/s to psql's.
+Methods run interleaved, --repeats times (to_sql once); reports the median seconds, rows/s
+and the ratio of each method's rows/s to psql's.
 """
 
 from __future__ import annotations
@@ -111,8 +113,8 @@ def main() -> None:
 
         env = {**os.environ, "PGPASSWORD": server.password}
 
-        def psql_copy() -> None:
-            create_table(conn, "lineitem_psql", schema)
+        def psql_copy(name: str = "psql_copy", primary_key: bool = False) -> None:
+            create_table(conn, "lineitem_psql", schema, primary_key=primary_key)
             checkpoint(conn)
             started = time.perf_counter()
             command = f"\\copy lineitem_psql FROM '{csv_path}' CSV"
@@ -134,7 +136,7 @@ def main() -> None:
                 check=True,
                 env=env,
             )
-            record("psql_copy", time.perf_counter() - started, count(conn, "lineitem_psql"))
+            record(name, time.perf_counter() - started, count(conn, "lineitem_psql"))
 
         # A warm-up load: the first stage on a new cluster starts its stage executor (once per cluster).
         warm = RayDataLoadOperator(
@@ -174,6 +176,7 @@ def main() -> None:
             operator("replace_partition", "lineitem_partitions", repeat, partition_by=["l_shipdate"])
             create_table(conn, "lineitem_upsert", schema, primary_key=True)
             operator("upsert", "lineitem_upsert", repeat, keys=KEY)
+            psql_copy("psql_copy_primary_key", primary_key=True)  # what the upsert's index costs \copy
 
         lineitem = pq.read_table(ref["uri"])  # decimals as floats: what a pandas user's frame holds
         lineitem = lineitem.cast(

@@ -224,12 +224,20 @@ class RayHook(BaseHook):
     def commit_stage(self, commit: bool = True) -> None:
         """Commit (or roll back) the transaction the last stage, a load, left open on the cluster."""
         import ray
+        from ray.exceptions import RayError
 
         if not self._awaiting_commit:
             return
         self._awaiting_commit = False
-        with self.connect():
-            done = ray.get(self._executor.commit.remote(self._stage_id, commit), timeout=CANCEL_TIMEOUT)
+        try:
+            with self.connect():
+                done = ray.get(self._executor.commit.remote(self._stage_id, commit), timeout=CANCEL_TIMEOUT)
+        except (RayError, ConnectionError) as exc:
+            drop_client_session()
+            raise AirflowException(
+                f"Lost {self.settings.where} while committing the load ({type(exc).__name__}: {exc}); the retry "
+                "finds it published or not (an append already published is skipped, never loaded twice)"
+            ) from None
         if commit and not done:
             raise AirflowException(
                 f"The load on {self.settings.where} was rolled back before this task could commit it (it waited"

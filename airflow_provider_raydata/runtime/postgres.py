@@ -3,13 +3,18 @@
 Read (on the cluster): ``ray.data.read_sql`` sharded on a key column, with bound parameters,
 cast to the Arrow schema that PostgreSQL describes for the query (so every block agrees).
 
-Load, in two steps, each safe to repeat:
-1. ``stage_load`` (on the cluster): create a staging table next to the target, then Ray tasks
-   (one per CPU) COPY the committed Parquet files into it in parallel (CSV encoded by pyarrow).
-2. ``publish`` (on the Airflow worker, through PostgresHook): one transaction moves the staged
-   rows into the target by mode and drops the staging table. If the task dies before or
-   during it, PostgreSQL rolls it back and the target is exactly as it was; the retry drops
-   the leftover staging tables of the same load id.
+Load (``load``, on the cluster), from the committed Parquet files (pyarrow reads them and
+CSV-encodes them for psycopg's COPY; no Ray Data pipeline in between):
+1. ``stage_load`` checks the columns against the target; for overwrite and upsert it COPYs the
+   files into a new staging table next to the target, one Ray task per cluster CPU in parallel.
+2. ``publish`` moves the rows into the target in one transaction: append and replace_partition
+   COPY the files straight into it (a staging table would cost a second copy of every row),
+   overwrite swaps the staging table in, upsert inserts from it ``ON CONFLICT``.
+3. That transaction is left open until the Airflow task, holding the stage's result, asks the
+   stage executor to commit it (``finish``). If the task dies first, the transaction ends with
+   the stage's process (the retry supersedes it, or the executor's wait runs out) and PostgreSQL
+   rolls it back: the target is exactly as it was. Staging tables of failed loads are dropped;
+   the retry drops those of killed ones (same load id).
 
 The connection parameters arrive inside the stage spec; nothing here logs or formats them.
 """
