@@ -224,7 +224,7 @@ class RayHook(BaseHook):
     def commit_stage(self, commit: bool = True) -> None:
         """Commit (or roll back) the transaction the last stage, a load, left open on the cluster."""
         import ray
-        from ray.exceptions import RayError
+        from ray.exceptions import RayError, RayTaskError
 
         if not self._awaiting_commit:
             return
@@ -232,6 +232,11 @@ class RayHook(BaseHook):
         try:
             with self.connect():
                 done = ray.get(self._executor.commit.remote(self._stage_id, commit), timeout=CANCEL_TIMEOUT)
+        except RayTaskError as exc:  # the COMMIT itself failed (a deferred constraint, ...)
+            error = AirflowFailException if isinstance(getattr(exc, "cause", None), DataError) else AirflowException
+            raise error(
+                f"Committing the load on {self.settings.where} failed, nothing published: {root_cause(exc)}"
+            ) from None
         except (RayError, ConnectionError) as exc:
             drop_client_session()
             raise AirflowException(
@@ -296,7 +301,8 @@ class RayHook(BaseHook):
 
     def cancel(self) -> None:
         """Cancel the running stage (``on_kill``, ``stage_timeout``): the executor cancels the
-        stage's Ray task (``ray.cancel``) and ends its process (``ray.kill``) before it commits."""
+        stage's Ray task (``ray.cancel``) and ends its process (``ray.kill``) before it commits;
+        a load awaiting its commit is rolled back the same way."""
         if self._running is None and not self._awaiting_commit:
             return
         import ray

@@ -120,6 +120,17 @@ class RayDataBaseOperator(BaseOperator):
         ti.xcom_push(key=DASHBOARD_XCOM_KEY, value=self.hook.settings.dashboard_url or "")
         self.log.info("Running %s stage on %s", self.stage, self.hook.settings.where)
         result = self.hook.run_stage(spec, timeout=self.stage_timeout)
+        try:
+            return self._finish_stage(context, result)
+        except BaseException:
+            try:
+                self.hook.commit_stage(commit=False)  # a load held open on the cluster: roll it back now
+            except Exception as exc:  # its own wait on the cluster rolls it back anyway
+                self.log.warning("Could not roll back the load's transaction now: %s", exc)
+            raise
+
+    def _finish_stage(self, context, result: dict[str, Any]) -> Any:
+        ti = context["ti"]
         metrics = result["metrics"]
         self.log.info(
             "%s stage: rows in %s, rows out %s, %.2fs on the cluster",

@@ -34,7 +34,8 @@ class StageProcess:
         finish_stage(stage_id, commit)
 
 
-@ray.remote(num_cpus=0, max_concurrency=16)
+# commit and cancel have threads of their own: 16 long-running stages must not hold them up.
+@ray.remote(num_cpus=0, max_concurrency=16, concurrency_groups={"control": 4})
 class StageExecutor:
     """A detached stage driver, one per cluster, namespace and runtime_env.
 
@@ -55,7 +56,8 @@ class StageExecutor:
         self.lock = threading.Lock()
         self.running: dict[str, tuple[tuple, Any, ray.ObjectRef]] = {}  # stage_id -> (identity, process, ref)
         self.idle: list[Any] = []  # warm StageProcesses
-        self.held: dict[str, tuple[tuple, Any]] = {}  # stage_id -> (identity, process): awaiting commit
+        # stage_id -> (identity, process, timer): a load awaiting its task's commit
+        self.held: dict[str, tuple[tuple, Any, threading.Timer]] = {}
 
     def run(self, spec: dict[str, Any]) -> dict[str, Any]:
         stage_id, identity = spec["stage_id"], _identity(spec)
@@ -77,13 +79,16 @@ class StageExecutor:
                 cancelled = self.running.pop(stage_id, None) is None
                 if result is not None and not cancelled:
                     if result.get("awaiting_commit"):
-                        self.held[stage_id] = (identity, process)
-                        threading.Timer(COMMIT_WAIT_SECONDS, self.cancel, [stage_id]).start()
+                        timer = threading.Timer(COMMIT_WAIT_SECONDS, self.cancel, [stage_id])
+                        timer.daemon = True
+                        self.held[stage_id] = (identity, process, timer)
+                        timer.start()
                     else:
                         self.idle.append(process)
             if result is None:
                 ray.kill(process)
 
+    @ray.method(concurrency_group="control")
     def commit(self, stage_id: str, commit: bool = True) -> bool:
         """Commit (or roll back) a load stage's open transaction. False if it is no longer held
         (it waited too long, or a newer try of its task replaced it): then nothing was published."""
@@ -91,7 +96,8 @@ class StageExecutor:
             entry = self.held.pop(stage_id, None)
         if entry is None:
             return False
-        process = entry[1]
+        _, process, timer = entry
+        timer.cancel()
         try:
             ray.get(process.finish.remote(stage_id, commit))
         except BaseException:
@@ -101,6 +107,7 @@ class StageExecutor:
             self.idle.append(process)
         return True
 
+    @ray.method(concurrency_group="control")
     def cancel(self, stage_id: str) -> bool:
         """Stop a running stage (cancel its Ray task and end its process) or roll back a held one.
         False if it was neither."""
@@ -108,6 +115,7 @@ class StageExecutor:
             entry = self.running.pop(stage_id, None)
             held = self.held.pop(stage_id, None)
         if held is not None:  # its open transaction ends with the process: PostgreSQL rolls it back
+            held[2].cancel()
             ray.kill(held[1], no_restart=True)
             return True
         if entry is None:

@@ -42,6 +42,9 @@ LEDGER = "_raydata_loads"
 # Modes whose publish COPYs straight into the target: a staging table would cost a second copy.
 DIRECT_MODES = ("append", "replace_partition")
 STAGING_PREFIX = "_raydata_"
+KEEPALIVES = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3}
+# A held load's transaction outlives the stage executor's commit wait (120 s) by this bound at most.
+IDLE_IN_TRANSACTION_SECONDS = 180
 COPY_BATCH_ROWS = 262_144  # CSV-encoded per chunk; smaller chunks cost more per row
 
 
@@ -284,7 +287,7 @@ def stage_load(uri: str, storage: dict | None, destination: dict[str, Any], load
         "table": table,
         "staging_table": None,
         "columns": columns,
-        "column_types": [pg_type(f) for f in arrow_schema],
+        "column_types": None,  # PostgreSQL types from the Arrow schema, for a table this load creates
         "mode": mode,
         "keys": keys,
         "partition_by": partition_by,
@@ -305,7 +308,9 @@ def stage_load(uri: str, storage: dict | None, destination: dict[str, Any], load
         ensure_ledger(cur, schema_name)
         drop_staging_tables(cur, schema_name, load_id)
         existing = table_columns(cur, schema_name, table)
-        if existing is not None:
+        if existing is None:
+            plan["column_types"] = [pg_type(f) for f in arrow_schema]
+        else:
             unknown = [c for c in columns if c not in existing]
             if unknown:
                 raise ValueError(
@@ -421,7 +426,7 @@ def copy_files(cur, fs, share, table: tuple[str, str], columns: list[str]) -> in
     return rows
 
 
-# --- loading: publish on the Airflow worker ----------------------------------------------
+# --- loading: publish (on the cluster, committed on the Airflow task's word) -------------
 
 
 def load(
@@ -431,16 +436,24 @@ def load(
     ``finish(False)`` rolls it back; so does the end of this process (PostgreSQL rolls back the
     transaction of a closed connection). The Airflow task asks for the commit only once it holds
     the result: a task killed before that leaves the target exactly as it was."""
-    plan = stage_load(uri, storage, destination, load_id)
-    conn = connect(destination["conn"])  # not autocommit: the first statement opens the transaction
+    # Opened first: short-lived credentials (e.g. RDS IAM tokens) may expire during a long COPY.
+    # Keepalives: a backend whose stage process vanished with its node ends its transaction too.
+    conn = connect({**destination["conn"], **KEEPALIVES})  # not autocommit: statements open a transaction
+    plan = None
     try:
+        plan = stage_load(uri, storage, destination, load_id)
+        # PostgreSQL itself ends the transaction if no commit comes (held locks stay bounded).
+        conn.execute(f"SET LOCAL idle_in_transaction_session_timeout = '{IDLE_IN_TRANSACTION_SECONDS}s'")
         result = publish(conn, plan, storage)
     except BaseException as exc:
         conn.close()
-        if plan["staging_table"]:  # the rolled-back load's staged rows
-            with connect(destination["conn"]) as cleanup, cleanup.cursor() as cur:
-                drop_staging_tables(cur, plan["schema"], load_id)
-        if isinstance(exc, ValueError) and not isinstance(exc, DataError):
+        if plan and plan["staging_table"]:  # the rolled-back load's staged rows
+            try:
+                with connect(destination["conn"]) as cleanup, cleanup.cursor() as cur:
+                    drop_staging_tables(cur, plan["schema"], load_id)
+            except Exception:  # noqa: S110 - the retry drops them; the load's own error matters
+                pass
+        if plan and isinstance(exc, ValueError) and not isinstance(exc, DataError):
             raise DataError(str(exc)) from None
         raise
 
@@ -497,13 +510,16 @@ def _publish(conn, plan: dict[str, Any], storage: dict | None) -> dict[str, Any]
             _swap(cur, conn, target, staging, schema, table, exists, columns)
             return result
         if not exists:
+            if plan["column_types"] is None:
+                raise RuntimeError(f"Table {plan['destination']} was dropped while this load ran: rerun it")
             keys = plan["keys"] if mode == "upsert" else []
             primary = sql.SQL(", PRIMARY KEY ({})").format(idents(keys)) if keys else sql.SQL("")
             cur.execute(sql.SQL("CREATE TABLE {} ({}{})").format(target, definition(plan), primary))
         if staging is None:  # append, replace_partition: one COPY straight into the target
             fs = filesystem_for(plan["uri"], storage)[0]
-            if mode == "replace_partition":
-                result["rows_deleted"], result["partitions"] = _delete_partitions(cur, fs, plan, target)
+            if mode == "replace_partition":  # a table created just now has nothing to delete
+                deleted, result["partitions"] = _delete_partitions(cur, fs, plan, target, delete=exists)
+                result["rows_deleted"] = deleted
             started = time.perf_counter()
             rows = copy_files(cur, fs, [(path, None) for path in plan["files"]], (schema, table), plan["columns"])
             result.update(rows_written=rows, copy_seconds=round(time.perf_counter() - started, 3))
@@ -524,16 +540,26 @@ def _publish(conn, plan: dict[str, Any], storage: dict | None) -> dict[str, Any]
     return result
 
 
-def _delete_partitions(cur, fs, plan, target) -> tuple[int, list[str]]:
-    """Delete the target's rows whose partition key is one of this load's (read from its files)."""
+def _delete_partitions(cur, fs, plan, target, delete: bool = True) -> tuple[int, list[str]]:
+    """Delete the target's rows whose partition key is one of this load's (read from its files,
+    distinct per file first); return the count and the partitions."""
     sql = _sql()
     keys = plan["partition_by"]
-    tables = [pq.read_table(path, columns=keys, filesystem=fs) for path in plan["files"]]
+    tables = [pq.read_table(path, columns=keys, filesystem=fs).group_by(keys).aggregate([]) for path in plan["files"]]
     found = pa.concat_tables(tables).group_by(keys).aggregate([]) if tables else None
     if found is None or found.num_rows == 0:
         return 0, []
     values = [found.column(k).to_pylist() for k in keys]
-    types = dict(zip(plan["columns"], plan["column_types"], strict=True))
+    partitions = sorted("/".join(map(str, row)) for row in zip(*values, strict=True))
+    if not delete:
+        return 0, partitions
+    # Cast to the target's own column types (Parquet's may differ: timestamptz vs timestamp, ...).
+    cur.execute(
+        "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = to_regclass(%s)"
+        " AND attname = ANY(%s) AND NOT attisdropped",
+        [target.as_string(cur), keys],
+    )
+    types = dict(cur.fetchall())
     tests = []
     for key, column in zip(keys, values, strict=True):
         # "=" joins by hash; NULL partitions need IS NOT DISTINCT FROM, which compares row by row.
@@ -546,7 +572,6 @@ def _delete_partitions(cur, fs, plan, target) -> tuple[int, list[str]]:
         ),
         values,
     )
-    partitions = sorted("/".join(map(str, row)) for row in zip(*values, strict=True))
     return cur.rowcount, partitions
 
 

@@ -175,3 +175,60 @@ def test_planted_credentials_appear_nowhere(ray_head, pg, s3_server, tmp_path, m
     for secret in (PLANTED_PG, PLANTED_S3):
         leaks = [where for where, text in places.items() if secret in text]
         assert leaks == [], f"{secret} leaked into {leaks}"
+
+
+def test_a_load_is_published_only_when_its_task_commits(ray_head, pg, tmp_path, monkeypatch):
+    """The stage returns with its rows in an open transaction: invisible until the task commits,
+    and rolled back when the task is killed (on_kill) before it does."""
+    from airflow.sdk.exceptions import AirflowException
+
+    from airflow_provider_raydata.hooks.ray import RayHook
+
+    monkeypatch.setenv("AIRFLOW_CONN_RAYDATA_DEFAULT", json.dumps(ray_head.connection()))
+    pg.conn.execute("CREATE TABLE facts (id bigint, value bigint, label text)")
+    ref = committed_ref(tmp_path / "ref", 1000)
+    seen = []
+    commit = RayHook.commit_stage
+
+    def observed_commit(hook, commit_it: bool = True) -> None:
+        seen.append(pg.conn.execute("SELECT count(*) FROM facts").fetchone()[0])
+        commit(hook, commit_it)
+
+    monkeypatch.setattr(RayHook, "commit_stage", observed_commit)
+    destination = {"kind": "postgres", "postgres_conn_id": pg.conn_id, "table": "facts"}
+    op = RayDataLoadOperator(task_id="load", input=ref, destination=destination, mode="append")
+    run_operator(op, run_id="run-1")
+    assert seen == [0]  # the stage had finished; nothing was visible before the commit
+    assert pg.conn.execute("SELECT count(*) FROM facts").fetchone()[0] == 1000
+
+    def killed_before_commit(hook, commit_it: bool = True) -> None:
+        hook.cancel()  # what on_kill does when the task is marked failed at this moment
+        commit(hook, commit_it)
+
+    monkeypatch.setattr(RayHook, "commit_stage", killed_before_commit)
+    op = RayDataLoadOperator(task_id="load", input=ref, destination=destination, mode="append")
+    with pytest.raises(AirflowException, match="rolled back before this task could commit it"):
+        run_operator(op, run_id="run-2")
+    assert pg.conn.execute("SELECT count(*) FROM facts").fetchone()[0] == 1000
+
+
+def test_replace_partition_matches_the_targets_column_types(ray_head, pg, tmp_path, monkeypatch):
+    """Partition values read from Parquet as text still match a date column: the day is replaced."""
+    monkeypatch.setenv("AIRFLOW_CONN_RAYDATA_DEFAULT", json.dumps(ray_head.connection()))
+    pg.conn.execute("CREATE TABLE daily (day date, amount bigint)")
+    pg.conn.execute("INSERT INTO daily VALUES ('2024-01-01', 1), ('2024-01-02', 2), ('2024-01-02', 3)")
+    attempt = refs.new_attempt_uri(str(tmp_path / "ref"), 1)
+    os.makedirs(attempt)
+    pq.write_table(
+        pa.table({"day": ["2024-01-02"] * 4, "amount": pa.array([10] * 4, pa.int64())}), f"{attempt}/p.parquet"
+    )
+    ref = refs.commit(attempt, None, {})
+    destination = {"kind": "postgres", "postgres_conn_id": pg.conn_id, "table": "daily"}
+    for run_id in ("run-1", "run-2"):
+        op = RayDataLoadOperator(
+            task_id="load", input=ref, destination=destination, mode="replace_partition", partition_by=["day"]
+        )
+        result, _ = run_operator(op, run_id=run_id)
+        assert result["partitions"] == ["2024-01-02"]
+        rows = pg.conn.execute("SELECT day::text, sum(amount), count(*) FROM daily GROUP BY 1 ORDER BY 1").fetchall()
+        assert rows == [("2024-01-01", 1, 1), ("2024-01-02", 40, 4)]
