@@ -224,7 +224,9 @@ def test_on_kill_cancels_the_ray_task_and_nothing_is_committed(ray_conn, tmp_pat
         [sys.executable, "-c", ON_KILL_SCRIPT, json.dumps(ref), str(staging)], cwd=ROOT, env=dict(os.environ)
     )
     try:
-        stage = wait_for_processes("ray::tests.killed")[0]
+        # A new process opens a new Ray Client session. Ray's client server now and then fails to
+        # start one (ray-project/ray#63202); RayHook retries, and a failed try costs ~40 s.
+        stage = wait_for_processes("ray::tests.killed", timeout=180)[0]
         wait_for_processes("MapBatches(slow_double)")
         task.send_signal(signal.SIGTERM)  # Airflow: the task was marked failed or cleared
         stage.wait(timeout=20)  # ray.cancel(force=True) ended the stage's process

@@ -62,7 +62,7 @@ def test_sigkill_during_load_leaves_target_unchanged_and_retry_loads_once(ray_he
     task = subprocess.Popen(
         [sys.executable, "-c", LOAD_SCRIPT, json.dumps(ref)], cwd=ROOT, env=dict(os.environ), start_new_session=True
     )
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 180  # a new Ray Client session may need RayHook's retry (~40 s each)
     while not copying_into(pg.conn, "facts"):  # the COPY has begun on the cluster
         assert task.poll() is None, "the load finished before it could be killed"
         assert time.monotonic() < deadline, "the load never started"
