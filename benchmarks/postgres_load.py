@@ -3,7 +3,8 @@ pandas.DataFrame.to_sql, in the same run, on the same server.
 
     python benchmarks/postgres_load.py [--scale 1] [--repeats 3] [--out benchmarks/results/postgres_load.json]
 
-Starts a PostgreSQL server (initdb; fsync on, max_wal_size 4GB so that checkpoints do not
+Starts a PostgreSQL server (initdb; fsync on, autovacuum off so that vacuuming one method's
+table does not slow the next method down, max_wal_size 4GB so that checkpoints do not
 dominate) and a Ray head (2 CPUs, over ray://). Every method loads all rows into an empty table:
   psql_copy        psql -c "\\copy lineitem FROM 'lineitem.csv' CSV" (the server's own limit)
   psql_copy_primary_key  the same into a table with the primary key (l_orderkey, l_linenumber)
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -43,6 +45,7 @@ from tests.helpers import run_operator  # noqa: E402
 from tests.services import BIN, PostgresServer, RayHead  # noqa: E402
 
 KEY = ["l_orderkey", "l_linenumber"]
+SERVER_SETTINGS = {"fsync": "on", "autovacuum": "off", "max_wal_size": "4GB", "shared_buffers": "1GB"}
 
 
 def prepare(data: Path, scale: float) -> tuple[dict, Path, pa.Schema]:
@@ -95,7 +98,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="raydata-pgbench-"))
     ref, csv_path, schema = prepare(work, args.scale)
     rows = ref["num_rows"]
-    server = PostgresServer(work / "pg", settings={"fsync": "on", "max_wal_size": "4GB", "shared_buffers": "1GB"})
+    server = PostgresServer(work / "pg", settings=SERVER_SETTINGS)
     head = RayHead(Path(tempfile.mkdtemp(prefix="rayh-")))
     server.start()
     head.start()
@@ -195,6 +198,8 @@ def main() -> None:
     finally:
         head.stop()
         server.stop()
+        shutil.rmtree(work, ignore_errors=True)  # ~8 GB at SF1: data, CSV, the server's files
+        shutil.rmtree(head.temp_dir, ignore_errors=True)
 
     for name, entry in results.items():
         loaded = args.to_sql_rows or rows if name == "to_sql" else rows
@@ -209,7 +214,7 @@ def main() -> None:
         "repeats": args.repeats,
         "rows": rows,
         "cpus": os.cpu_count(),
-        "postgres": {"fsync": "on", "max_wal_size": "4GB", "shared_buffers": "1GB"},
+        "postgres": SERVER_SETTINGS,
         "goals": {
             "operator_overwrite": 1.0,
             "operator_append": 0.8,

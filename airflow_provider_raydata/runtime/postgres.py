@@ -629,34 +629,74 @@ def _on_conflict(plan):
 
 
 def _swap(cur, conn, target, staging, schema, table, exists, columns):
-    """Overwrite: the staged table becomes the target (a rename, no second copy of the rows).
+    """Overwrite: the staged table becomes the target (a rename, no second copy of the rows),
+    with the old table's owner and grants.
 
-    When other objects depend on the old table (views, foreign keys, owned sequences) it cannot
-    be dropped: then its rows are replaced in place instead (TRUNCATE + INSERT).
+    When the swap could not carry the old table over whole (a partitioned table, triggers,
+    row-level security, column grants, a publication), other objects depend on it (views,
+    owned sequences) or the loading role may not replace it (not its owner), its rows are
+    replaced in place instead (TRUNCATE + INSERT).
     """
     from psycopg import errors
 
     sql = _sql()
-    comment = None  # the target keeps its own comment, not the staging table's retention note
-    if exists:
-        cur.execute("SELECT obj_description(to_regclass(%s), 'pg_class')", [target.as_string(conn)])
-        comment = cur.fetchone()[0]
-    set_comment = sql.SQL("COMMENT ON TABLE {} IS {}").format(target, sql.Literal(comment))
     if not exists:
         cur.execute(sql.SQL("ALTER TABLE {} RENAME TO {}").format(staging, sql.Identifier(table)))
-        cur.execute(set_comment)
+        cur.execute(sql.SQL("COMMENT ON TABLE {} IS NULL").format(target))  # not the staging table's note
+        return
+    cur.execute(
+        "SELECT obj_description(c.oid, 'pg_class'), pg_get_userbyid(c.relowner), current_user,"
+        " c.relkind <> 'r' OR c.relrowsecurity"
+        " OR EXISTS (SELECT FROM pg_trigger WHERE tgrelid = c.oid AND NOT tgisinternal)"
+        " OR EXISTS (SELECT FROM pg_attribute WHERE attrelid = c.oid AND attacl IS NOT NULL)"
+        " OR EXISTS (SELECT FROM pg_publication_rel WHERE prrelid = c.oid)"
+        " FROM pg_class c WHERE c.oid = to_regclass(%s)",
+        [target.as_string(conn)],
+    )
+    comment, owner, loader, keep_in_place = cur.fetchone()
+    if keep_in_place:
+        _replace_in_place(cur, target, staging, columns)
         return
     retired = f"{STAGING_PREFIX}old_{uuid.uuid4().hex[:8]}"
     try:
         with conn.transaction():  # a savepoint
+            _copy_grants(cur, conn, target, staging)
+            if owner != loader:
+                cur.execute(sql.SQL("ALTER TABLE {} OWNER TO {}").format(staging, sql.Identifier(owner)))
             cur.execute(sql.SQL("ALTER TABLE {} RENAME TO {}").format(target, sql.Identifier(retired)))
             cur.execute(sql.SQL("ALTER TABLE {} RENAME TO {}").format(staging, sql.Identifier(table)))
-            cur.execute(set_comment)
+            cur.execute(sql.SQL("COMMENT ON TABLE {} IS {}").format(target, sql.Literal(comment)))
             cur.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(schema, retired)))
-    except errors.DependentObjectsStillExist:
+    except (errors.DependentObjectsStillExist, errors.InsufficientPrivilege):  # e.g. not the table's owner
+        _replace_in_place(cur, target, staging, columns)
+
+
+def _copy_grants(cur, conn, source, target) -> None:
+    """GRANT on ``target`` what is granted on ``source`` (LIKE ... INCLUDING ALL copies no grants)."""
+    sql = _sql()
+    cur.execute(
+        "SELECT a.grantee = 0, r.rolname, a.privilege_type, a.is_grantable"
+        " FROM pg_class c CROSS JOIN aclexplode(c.relacl) AS a LEFT JOIN pg_roles r ON r.oid = a.grantee"
+        " WHERE c.oid = to_regclass(%s) AND a.grantee <> c.relowner",
+        [source.as_string(conn)],
+    )
+    for public, role, privilege, grantable in cur.fetchall():
+        grantee = sql.SQL("PUBLIC") if public else sql.Identifier(role)
+        option = sql.SQL(" WITH GRANT OPTION") if grantable else sql.SQL("")
+        # privilege_type is one of the catalog's privilege keywords (SELECT, INSERT, ...).
+        cur.execute(sql.SQL("GRANT {} ON {} TO {}{}").format(sql.SQL(privilege), target, grantee, option))
+
+
+def _replace_in_place(cur, target, staging, columns) -> None:
+    from psycopg import errors
+
+    sql = _sql()
+    try:
         cur.execute(sql.SQL("TRUNCATE {}").format(target))
-        cur.execute(sql.SQL("INSERT INTO {} ({}) SELECT {} FROM {}").format(target, columns, columns, staging))
-        cur.execute(sql.SQL("DROP TABLE {}").format(staging))
+    except errors.FeatureNotSupported as exc:  # emptying it would break other tables' foreign keys
+        raise ValueError(f"overwrite cannot replace {target.as_string(cur)}: {exc.diag.message_primary}") from None
+    cur.execute(sql.SQL("INSERT INTO {} ({}) SELECT {} FROM {}").format(target, columns, columns, staging))
+    cur.execute(sql.SQL("DROP TABLE {}").format(staging))
 
 
 # --- retention: orphaned staging tables --------------------------------------------------

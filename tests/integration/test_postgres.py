@@ -200,6 +200,71 @@ def test_load_modes_publish_exactly_once(ray_conn, pg):
     assert staging_tables(pg) == []
 
 
+def test_overwrite_keeps_the_tables_owner_grants_and_triggers(ray_conn, pg, monkeypatch):
+    connection = json.loads(os.environ["AIRFLOW_CONN_PG_TEST"])
+    fill_source(pg.conn, rows=100)
+    ref = extract_source(pg)
+    reader, owner = f"reader_{pg.dbname}", f"owner_{pg.dbname}"  # roles are per server, not per database
+    load(pg, ref, "shared", "overwrite")
+    for statement in (
+        f"CREATE ROLE {reader}",
+        f"CREATE ROLE {owner}",
+        f"GRANT SELECT ON shared TO {reader} WITH GRANT OPTION",
+        "GRANT INSERT ON shared TO PUBLIC",
+        f"ALTER TABLE shared OWNER TO {owner}",
+    ):
+        pg.conn.execute(statement)
+    before = relation(pg)
+
+    load(pg, ref, "shared", "overwrite", run_id="run-2")
+    swapped = relation(pg)
+    assert swapped["oid"] != before["oid"]  # a new table was swapped in ...
+    assert swapped["owner"] == owner and swapped["acl"] == before["acl"]  # ... owned and granted as before
+    assert count(pg, "shared") == 100
+
+    # A trigger does not survive a swap: the rows are replaced in place and the trigger stays.
+    pg.conn.execute("CREATE TABLE inserts (at timestamptz DEFAULT now())")
+    pg.conn.execute(
+        "CREATE FUNCTION note_insert() RETURNS trigger LANGUAGE plpgsql AS "
+        "$$BEGIN INSERT INTO inserts DEFAULT VALUES; RETURN NULL; END$$"
+    )
+    pg.conn.execute("CREATE TRIGGER noted AFTER INSERT ON shared FOR EACH STATEMENT EXECUTE FUNCTION note_insert()")
+    load(pg, ref, "shared", "overwrite", run_id="run-3")
+    assert relation(pg) == swapped and count(pg, "shared") == 100
+    assert count(pg, "inserts") == 1
+
+    # A loading role that does not own the table replaces its rows in place, with its privileges.
+    pg.conn.execute("DROP TRIGGER noted ON shared")
+    loader = f"loader_{pg.dbname}"
+    for statement in (
+        f"CREATE ROLE {loader} LOGIN PASSWORD 'loader-pw'",
+        f"GRANT CREATE, USAGE ON SCHEMA public TO {loader}",
+        f"GRANT SELECT, INSERT, UPDATE ON _raydata_loads TO {loader}",
+        f"GRANT SELECT, INSERT, TRUNCATE ON shared TO {loader}",
+    ):
+        pg.conn.execute(statement)
+    swapped = relation(pg)
+    monkeypatch.setenv("AIRFLOW_CONN_PG_TEST", json.dumps({**connection, "login": loader, "password": "loader-pw"}))
+    load(pg, ref, "shared", "overwrite", run_id="run-4")
+    monkeypatch.setenv("AIRFLOW_CONN_PG_TEST", json.dumps(connection))
+    assert relation(pg) == swapped and count(pg, "shared") == 100
+
+    # Rows other tables reference cannot be replaced: the load fails without retries, nothing changes.
+    pg.conn.execute("ALTER TABLE shared ADD PRIMARY KEY (id)")
+    pg.conn.execute("CREATE TABLE child (parent bigint REFERENCES shared (id))")
+    with pytest.raises(AirflowFailException, match="overwrite cannot replace .*shared.*foreign key"):
+        load(pg, ref, "shared", "overwrite", run_id="run-5")
+    assert relation(pg) == swapped and count(pg, "shared") == 100
+    assert staging_tables(pg) == []
+
+
+def relation(pg, table: str = "shared") -> dict:
+    row = pg.conn.execute(
+        "SELECT oid, pg_get_userbyid(relowner), relacl::text[] FROM pg_class WHERE oid = to_regclass(%s)", [table]
+    ).fetchone()
+    return {"oid": row[0], "owner": row[1], "acl": sorted(row[2])}
+
+
 def count(pg, table: str) -> int:
     return pg.conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
 
