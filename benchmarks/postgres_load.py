@@ -5,13 +5,15 @@ pandas.DataFrame.to_sql, in the same run, on the same server.
 
 Starts a PostgreSQL server (initdb; fsync on, autovacuum off so that vacuuming one method's
 table does not slow the next method down, max_wal_size 4GB so that checkpoints do not
-dominate) and a Ray head (2 CPUs, over ray://). Every method loads all rows into an empty table:
+dominate) and a Ray head (2 CPUs, over ray://). Every method but the last loads all rows into an
+empty table:
   psql_copy        psql -c "\\copy lineitem FROM 'lineitem.csv' CSV" (the server's own limit)
   psql_copy_primary_key  the same into a table with the primary key (l_orderkey, l_linenumber)
   to_sql           pandas.DataFrame.to_sql through SQLAlchemy/psycopg (chunks of 100k rows)
   operator_<mode>  RayDataLoadOperator.execute() from a committed Parquet reference, per mode
                    (overwrite into a missing table, append, replace_partition on l_shipdate,
-                   upsert on the primary key (l_orderkey, l_linenumber))
+                   upsert on the primary key (l_orderkey, l_linenumber)); then
+  operator_upsert_every_key_updated  the same upsert again over the full table
 Methods run interleaved, --repeats times (to_sql once); reports the median seconds, rows/s
 and the ratio of each method's rows/s to psql's.
 """
@@ -147,7 +149,7 @@ def main() -> None:
         )
         run_operator(warm)
 
-        def operator(mode: str, table: str, repeat: int, **kwargs) -> None:
+        def operator(mode: str, table: str, repeat: int, name: str | None = None, **kwargs) -> None:
             op = RayDataLoadOperator(
                 task_id=f"load_{mode}",
                 input=ref,
@@ -157,11 +159,12 @@ def main() -> None:
             )
             checkpoint(conn)
             started = time.perf_counter()
-            result, ti = run_operator(op, run_id=f"bench_{repeat}")  # a new run: append is not skipped
+            name = name or f"operator_{mode}"
+            result, ti = run_operator(op, run_id=f"{name}_{repeat}")  # a new run: append is not skipped
             seconds = time.perf_counter() - started
             cluster = ti.xcoms["metrics"]["seconds"]  # the stage on the cluster: COPYs and publish
             record(
-                f"operator_{mode}",
+                name,
                 seconds,
                 count(conn, table),
                 stage_on_cluster_s=cluster,
@@ -179,6 +182,8 @@ def main() -> None:
             operator("replace_partition", "lineitem_partitions", repeat, partition_by=["l_shipdate"])
             create_table(conn, "lineitem_upsert", schema, primary_key=True)
             operator("upsert", "lineitem_upsert", repeat, keys=KEY)
+            # The same rows again: every key is already there and is updated (ON CONFLICT DO UPDATE).
+            operator("upsert", "lineitem_upsert", repeat, name="operator_upsert_every_key_updated", keys=KEY)
             psql_copy("psql_copy_primary_key", primary_key=True)  # what the upsert's index costs \copy
 
         lineitem = pq.read_table(ref["uri"])  # decimals as floats: what a pandas user's frame holds

@@ -292,6 +292,10 @@ def test_bad_loads_name_the_problem_and_change_nothing(ray_conn, pg):
     with pytest.raises(AirflowFailException, match=r"upsert into public.narrow on \(amount\) needs a primary key"):
         load(pg, only_ids, "narrow", "upsert", keys=["amount"])
     assert table_rows(pg.conn, "narrow") == [(1, Decimal("1.00"))]
+    pg.conn.execute("CREATE TABLE unkeyed (id bigint, amount numeric(12, 2))")  # empty: the upsert would INSERT
+    with pytest.raises(AirflowFailException, match=r"upsert into public.unkeyed on \(id\) needs a primary key"):
+        load(pg, only_ids, "unkeyed", "upsert", keys=["id"])
+    assert count(pg, "unkeyed") == 0
     assert staging_tables(pg) == []
 
     # A table name that tries injection is quoted as one identifier: it names a (strange) table.
