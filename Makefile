@@ -33,8 +33,8 @@ bench-quality: install
 bench-incremental: install
 	$(PY) benchmarks/incremental.py --orders-per-day 20000 --history-days 1 30 --repeats 3
 
-bench-postgres: install  # about 15 minutes here
-	$(PY) benchmarks/postgres_load.py --scale 1 --to-sql-rows 1000000 --repeats 3
+bench-postgres: install  # about 30 minutes here
+	$(PY) benchmarks/postgres_load.py --scale 1 --to-sql-rows 1000000 --repeats 5
 
 clean:
 	rm -rf .demo .bench build *.egg-info

@@ -548,8 +548,13 @@ def _publish(conn, plan: dict[str, Any], storage: dict | None) -> dict[str, Any]
             )
             return result
         insert = sql.SQL("INSERT INTO {} AS t ({}) ").format(target, columns)
-        try:  # no rows: PostgreSQL only looks for the unique index ON CONFLICT needs
-            cur.execute(insert + sql.SQL("SELECT {} FROM {} WHERE false").format(columns, staging) + _on_conflict(plan))
+        try:  # planned, not run (no triggers fire): planning finds the unique index ON CONFLICT needs
+            cur.execute(
+                sql.SQL("EXPLAIN ")
+                + insert
+                + sql.SQL("SELECT {} FROM {}").format(columns, staging)
+                + _on_conflict(plan)
+            )
         except errors.InvalidColumnReference as exc:
             raise ValueError(
                 f"upsert into {plan['destination']} on ({', '.join(plan['keys'])}) needs a primary key or unique "
