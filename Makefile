@@ -33,7 +33,7 @@ bench-quality: install
 bench-incremental: install
 	$(PY) benchmarks/incremental.py --orders-per-day 20000 --history-days 1 30 --repeats 3
 
-bench-postgres: install  # about 30 minutes here
+bench-postgres: install  # about 25 minutes here
 	$(PY) benchmarks/postgres_load.py --scale 1 --to-sql-rows 1000000 --repeats 5
 
 clean:

@@ -532,9 +532,16 @@ class RayDataLoadOperator(RayDataBaseOperator):
             load["rows_written"],
             load["destination"],
             load["mode"],
-            ", ".join(load.get("partitions") or []) or "-",
+            _listed(load.get("partitions") or []),
         )
         return load
+
+
+def _listed(names: list[str], most: int = 10) -> str:
+    """A list for the task log: a bulk load may replace thousands of partitions."""
+    if len(names) <= most:
+        return ", ".join(names) or "-"
+    return f"{len(names)}: {', '.join(names[: most // 2])}, ..., {', '.join(names[-most // 2 :])}"
 
 
 ACTIVE_STATES = ["queued", "running"]

@@ -11,7 +11,7 @@ from airflow_provider_raydata.operators import (
     RayDataQualityOperator,
     RayDataTransformOperator,
 )
-from airflow_provider_raydata.operators.raydata import format_report
+from airflow_provider_raydata.operators.raydata import _listed, format_report
 from airflow_provider_raydata.runtime.specs import validate_checks, validate_steps
 from airflow_provider_raydata.runtime.types import arrow_type
 from tests.helpers import FakeTaskInstance
@@ -180,6 +180,12 @@ def test_report_table_is_readable():
     assert lines[1].endswith("fail    FAIL")
     assert lines[2].split() == ["mean(b)", "2.5", ">=", "3", "warn", "WARN"]
     assert lines[3] == "rows in 10 = passed 7 + quarantined 3; quality score 0.7000"
+
+
+def test_a_bulk_loads_partitions_are_summarised_in_the_task_log():
+    days = [f"day-{n:04d}" for n in range(2526)]  # SF1 lineitem's l_shipdate values
+    assert _listed(days) == "2526: day-0000, day-0001, day-0002, day-0003, day-0004, ..., " + ", ".join(days[-5:])
+    assert _listed(["2024-01-02"]) == "2024-01-02" and _listed([]) == "-"
 
 
 def test_provider_info_declares_the_connection_type():
