@@ -209,9 +209,7 @@ class RayHook(BaseHook):
                 raise AirflowException(f"Stage did not finish within {timeout}s on {self.settings.where}") from None
             except RayTaskError as exc:
                 self.log.error("Stage failed on %s:\n%s", self.settings.where, exc)
-                if isinstance(exc, DataError) or isinstance(getattr(exc, "cause", None), DataError):
-                    raise AirflowFailException(f"Stage failed on {self.settings.where}: {root_cause(exc)}") from None
-                raise AirflowException(f"Stage failed on {self.settings.where}: {root_cause(exc)}") from None
+                raise failure(exc)(f"Stage failed on {self.settings.where}: {root_cause(exc)}") from None
             except (RayError, ConnectionError) as exc:
                 drop_client_session()  # a dropped connection: the next stage starts a new session
                 raise AirflowException(
@@ -233,8 +231,7 @@ class RayHook(BaseHook):
             with self.connect():
                 done = ray.get(self._executor.commit.remote(self._stage_id, commit), timeout=CANCEL_TIMEOUT)
         except RayTaskError as exc:  # the COMMIT itself failed (a deferred constraint, ...)
-            error = AirflowFailException if isinstance(getattr(exc, "cause", None), DataError) else AirflowException
-            raise error(
+            raise failure(exc)(
                 f"Committing the load on {self.settings.where} failed, nothing published: {root_cause(exc)}"
             ) from None
         except (RayError, ConnectionError) as exc:
@@ -311,6 +308,12 @@ class RayHook(BaseHook):
             self.settings.where,
             "stopped" if stopped else "it had already ended",
         )
+
+
+def failure(exc: BaseException) -> type[AirflowException]:
+    """AirflowFailException (no retries) when the data cannot be loaded as asked, else a retryable error."""
+    data_error = isinstance(exc, DataError) or isinstance(getattr(exc, "cause", None), DataError)
+    return AirflowFailException if data_error else AirflowException
 
 
 def _executor_handle(name: str, namespace: str):

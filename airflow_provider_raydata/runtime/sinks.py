@@ -29,6 +29,7 @@ from ray.data.datasource import FilenameProvider
 from .refs import describe_files
 from .specs import load_columns, validate_destination
 from .storage import exists, filesystem_for, join_uri
+from .types import repeated_key
 
 STAGING_DIR = "_staging"
 
@@ -114,12 +115,8 @@ def _merge_upsert(ds, destination, fs, root, staged, load_id, keys, partition_by
     new = pa.concat_tables(blocks, promote_options="default") if blocks else None
     if new is None or new.num_rows == 0:
         return [], {"rows_written": 0, "rows_deleted": 0}
-    if not sequence:
-        counts = new.group_by(keys).aggregate([([], "count_all")])
-        duplicate = counts.filter(pc.greater(counts["count_all"], 1))
-        if duplicate.num_rows:
-            named = ", ".join(f"{k}={duplicate[k][0].as_py()!r}" for k in keys)
-            raise ValueError(f"upsert: key ({named}) appears more than once in this load; set sequence_by")
+    if not sequence and (repeated := repeated_key(new, keys)):
+        raise ValueError(repeated)
     partitioning = pads.partitioning(pa.schema([new.schema.field(c) for c in partition_by]), flavor="hive")
     fs.create_dir(root, recursive=True)  # the first upsert creates the table
     lake = pads.dataset(root, schema=new.schema, format="parquet", filesystem=fs, partitioning=partitioning)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 _DECIMAL = re.compile(r"decimal(?:128)?\((\d+),\s*(\d+)\)")
 _TIMESTAMP = re.compile(r"timestamp\[(s|ms|us|ns)(?:,\s*tz=([^\]]+))?\]")
@@ -39,6 +40,17 @@ def check_columns(wanted, available, where: str) -> None:
     missing = [c for c in wanted if c not in available]
     if missing:
         raise ValueError(f"Unknown column {missing[0]!r} in {where}; available columns: {', '.join(available)}")
+
+
+def repeated_key(table: pa.Table, keys: list[str]) -> str | None:
+    """The error for an upsert without ``sequence_by`` whose rows repeat a key (which row would
+    win?), naming one such key; None when every key is unique."""
+    counts = table.group_by(keys).aggregate([([], "count_all")])
+    repeated = counts.filter(pc.greater(counts["count_all"], 1)).slice(0, 1).to_pylist()
+    if not repeated:
+        return None
+    named = ", ".join(f"{k}={repeated[0][k]!r}" for k in keys)
+    return f"upsert: key ({named}) appears more than once in this load; set sequence_by to keep the latest"
 
 
 def type_class(type_name: str) -> str:
