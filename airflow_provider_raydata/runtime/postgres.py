@@ -5,13 +5,14 @@ cast to the Arrow schema that PostgreSQL describes for the query (so every block
 
 Load (``load``, on the cluster), from the committed Parquet files (pyarrow reads them and
 CSV-encodes them for psycopg's COPY; no Ray Data pipeline in between):
-1. ``stage_load`` checks the columns against the target (and an upsert's keys for repeats); for
-   overwrite and upsert it COPYs the files into a new staging table next to the target, one Ray
-   task per cluster CPU in parallel.
+1. ``stage_load`` checks the columns against the target (and an upsert's keys for repeats and
+   for the unique index); for overwrite and upsert it COPYs the files into a new staging table
+   next to the target, one Ray task per cluster CPU in parallel.
 2. ``publish`` moves the rows into the target in one transaction: append and replace_partition
    COPY the files straight into it (a staging table would cost a second copy of every row),
-   overwrite swaps the staging table in, upsert inserts from it ``ON CONFLICT`` (a plain
-   INSERT when the target is empty).
+   overwrite swaps the staging table in, upsert inserts from it ``ON CONFLICT``. An upsert into
+   a missing or empty table (a first load, without ``sequence_by`` or ``delete_column``) is
+   staged and swapped in like an overwrite, unless the table has gained rows by then.
 3. That transaction is left open until the Airflow task, holding the stage's result, asks the
    stage executor to commit it (``finish``). If the task dies first, the transaction ends with
    the stage's process (the retry supersedes it, or the executor's wait runs out) and PostgreSQL
@@ -301,6 +302,7 @@ def stage_load(uri: str, storage: dict | None, destination: dict[str, Any], load
         "partition_by": partition_by,
         "sequence_by": destination.get("sequence_by"),
         "delete_column": destination.get("delete_column"),
+        "first_load": False,  # an upsert staged like an overwrite, see _is_first_load
         "load_id": load_id,
         "uri": uri,
         "files": [f.path for f in files],
@@ -321,14 +323,20 @@ def stage_load(uri: str, storage: dict | None, destination: dict[str, Any], load
         else:
             unknown = [c for c in columns if c not in existing]
             if unknown:
-                raise ValueError(
+                raise DataError(
                     f"Column {unknown[0]!r} is not in table {schema_name}.{table} (its columns: {', '.join(existing)})"
                 )
         if mode in DIRECT_MODES:
             return plan
-        if mode == "overwrite" and existing is not None:
-            # A full, logged copy of the target's definition: publish swaps it in (no second copy).
-            cur.execute(sql.SQL("CREATE TABLE {} (LIKE {} INCLUDING ALL)").format(staging, target))
+        if mode == "upsert" and existing is not None:
+            _check_conflict_target(cur, plan, target, target)  # before anything is copied
+            plan["first_load"] = _is_first_load(plan) and not _has_rows(cur, target)
+        else:
+            plan["first_load"] = _is_first_load(plan)
+        if mode == "overwrite" or plan["first_load"]:
+            # A full, logged table like the target: publish swaps it in (no second copy of the rows).
+            like = sql.SQL("LIKE {} INCLUDING ALL").format(target) if existing is not None else definition(plan)
+            cur.execute(sql.SQL("CREATE TABLE {} ({})").format(staging, like))
         elif existing is not None:
             cur.execute(
                 sql.SQL("CREATE UNLOGGED TABLE {} AS SELECT {} FROM {} WITH NO DATA").format(
@@ -336,9 +344,7 @@ def stage_load(uri: str, storage: dict | None, destination: dict[str, Any], load
                 )
             )
         else:
-            # No key on the staging table: publish checks repeated keys and names them.
-            kind = sql.SQL("TABLE" if mode == "overwrite" else "UNLOGGED TABLE")
-            cur.execute(sql.SQL("CREATE {} {} ({})").format(kind, staging, definition(plan)))
+            cur.execute(sql.SQL("CREATE UNLOGGED TABLE {} ({})").format(staging, definition(plan)))
         mark_staging_table(cur, staging, load_id)  # same transaction: never visible unmarked
     started = time.perf_counter()
     try:
@@ -484,8 +490,6 @@ def publish(conn, plan: dict[str, Any], storage: dict | None = None) -> dict[str
 
 
 def _publish(conn, plan: dict[str, Any], storage: dict | None) -> dict[str, Any]:
-    from psycopg import errors
-
     sql = _sql()
     schema, table, mode = plan["schema"], plan["table"], plan["mode"]
     target, columns = sql.Identifier(schema, table), idents(plan["columns"])
@@ -514,8 +518,10 @@ def _publish(conn, plan: dict[str, Any], storage: dict | None) -> dict[str, Any]
                 cur.execute(sql.SQL("DROP TABLE {}").format(staging))
             return {**result, "skipped": True, "rows_written": 0}
         exists = table_columns(cur, schema, table) is not None
-        if mode == "overwrite":
+        if mode == "overwrite" or (plan["first_load"] and _still_first_load(cur, plan, target, exists)):
             _swap(cur, conn, target, staging, schema, table, exists, columns)
+            if mode == "upsert" and not exists:  # built once, after the COPY, and named after the table
+                cur.execute(sql.SQL("ALTER TABLE {} ADD PRIMARY KEY ({})").format(target, idents(plan["keys"])))
             return result
         if not exists:
             if plan["column_types"] is None:
@@ -536,26 +542,55 @@ def _publish(conn, plan: dict[str, Any], storage: dict | None) -> dict[str, Any]
                 [rows, plan["destination"], plan["load_id"]],
             )
             return result
+        _check_conflict_target(cur, plan, target, staging)
         insert = sql.SQL("INSERT INTO {} AS t ({}) ").format(target, columns)
-        try:  # planned, not run (no triggers fire): planning finds the unique index ON CONFLICT needs
-            cur.execute(
-                sql.SQL("EXPLAIN ")
-                + insert
-                + sql.SQL("SELECT {} FROM {}").format(columns, staging)
-                + _on_conflict(plan)
-            )
-        except errors.InvalidColumnReference as exc:
-            raise ValueError(
-                f"upsert into {plan['destination']} on ({', '.join(plan['keys'])}) needs a primary key or unique "
-                "index on exactly those columns"
-            ) from exc
         rows, result["rows_deleted"] = _upsert_rows(cur, plan, target, staging, columns)
-        cur.execute(sql.SQL("SELECT EXISTS (SELECT FROM {})").format(target))
-        # Into an empty table (a first load) an upsert is an insert: ON CONFLICT's per-row
-        # conflict check made it ~2.5x slower (6M rows: 39-45 s, against 16 s).
-        cur.execute(insert + rows + (_on_conflict(plan) if cur.fetchone()[0] else sql.SQL("")))
+        # Into an empty table an upsert is an insert: ON CONFLICT's per-row conflict check made
+        # it ~2.5x slower (6M rows: 39-45 s, against 16 s).
+        cur.execute(insert + rows + (_on_conflict(plan) if _has_rows(cur, target) else sql.SQL("")))
         cur.execute(sql.SQL("DROP TABLE {}").format(staging))
     return result
+
+
+def _is_first_load(plan: dict[str, Any]) -> bool:
+    """Whether an upsert, if its target is missing or empty, can be staged like an overwrite and
+    swapped in: every row is inserted as it is (no version to pick, no delete to apply)."""
+    return plan["mode"] == "upsert" and not plan["sequence_by"] and not plan["delete_column"]
+
+
+def _still_first_load(cur, plan: dict[str, Any], target, exists: bool) -> bool:
+    """Whether the target is still as it was when the first load was staged (missing, or empty
+    with the same definition); otherwise the staged rows are upserted into it."""
+    staged_like_target = plan["column_types"] is None  # the target existed then
+    if not exists:
+        return not staged_like_target
+    # Writers outside this provider (they take no advisory lock) wait from here until the commit.
+    cur.execute(_sql().SQL("LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE").format(target))
+    return staged_like_target and not _has_rows(cur, target)
+
+
+def _has_rows(cur, table) -> bool:
+    cur.execute(_sql().SQL("SELECT EXISTS (SELECT FROM {})").format(table))
+    return cur.fetchone()[0]
+
+
+def _check_conflict_target(cur, plan, target, source) -> None:
+    """Fail unless the target has the unique index that ``ON CONFLICT (keys)`` needs. The statement
+    is only planned (EXPLAIN): nothing is inserted and no trigger fires."""
+    from psycopg import errors
+
+    sql = _sql()
+    columns = idents(plan["columns"])
+    try:
+        cur.execute(
+            sql.SQL("EXPLAIN INSERT INTO {} AS t ({}) SELECT {} FROM {}").format(target, columns, columns, source)
+            + _on_conflict(plan)
+        )
+    except errors.InvalidColumnReference as exc:
+        raise DataError(
+            f"upsert into {plan['destination']} on ({', '.join(plan['keys'])}) needs a primary key or unique "
+            "index on exactly those columns"
+        ) from exc
 
 
 def _delete_partitions(cur, fs, plan, target, delete: bool = True) -> tuple[int, list[str]]:
@@ -643,9 +678,10 @@ def _swap(cur, conn, target, staging, schema, table, exists, columns):
     with the old table's owner and grants.
 
     When the swap could not carry the old table over whole (a partitioned table, triggers,
-    row-level security, column grants, a publication), other objects depend on it (views,
-    owned sequences) or the loading role may not replace it (not its owner), its rows are
-    replaced in place instead (TRUNCATE + INSERT).
+    row-level security, column grants, a publication, foreign keys to other tables, storage
+    parameters: ``LIKE ... INCLUDING ALL`` copies none of them), other objects depend on it
+    (views, owned sequences) or the loading role may not replace it (not its owner), its rows
+    are replaced in place instead (TRUNCATE + INSERT).
     """
     from psycopg import errors
 
@@ -660,6 +696,8 @@ def _swap(cur, conn, target, staging, schema, table, exists, columns):
         " OR EXISTS (SELECT FROM pg_trigger WHERE tgrelid = c.oid AND NOT tgisinternal)"
         " OR EXISTS (SELECT FROM pg_attribute WHERE attrelid = c.oid AND attacl IS NOT NULL)"
         " OR EXISTS (SELECT FROM pg_publication_rel WHERE prrelid = c.oid)"
+        " OR EXISTS (SELECT FROM pg_constraint WHERE conrelid = c.oid AND contype = 'f')"
+        " OR c.reloptions IS NOT NULL"
         " FROM pg_class c WHERE c.oid = to_regclass(%s)",
         [target.as_string(conn)],
     )
@@ -671,14 +709,36 @@ def _swap(cur, conn, target, staging, schema, table, exists, columns):
     try:
         with conn.transaction():  # a savepoint
             _copy_grants(cur, conn, target, staging)
+            renames = _index_renames(cur, conn, target, staging)
             if owner != loader:
                 cur.execute(sql.SQL("ALTER TABLE {} OWNER TO {}").format(staging, sql.Identifier(owner)))
             cur.execute(sql.SQL("ALTER TABLE {} RENAME TO {}").format(target, sql.Identifier(retired)))
             cur.execute(sql.SQL("ALTER TABLE {} RENAME TO {}").format(staging, sql.Identifier(table)))
             cur.execute(sql.SQL("COMMENT ON TABLE {} IS {}").format(target, sql.Literal(comment)))
             cur.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(schema, retired)))
+            for staged_name, name in renames:  # the old names are free now
+                cur.execute(
+                    sql.SQL("ALTER INDEX {} RENAME TO {}").format(
+                        sql.Identifier(schema, staged_name), sql.Identifier(name)
+                    )
+                )
     except (errors.DependentObjectsStillExist, errors.InsufficientPrivilege):  # e.g. not the table's owner
         _replace_in_place(cur, target, staging, columns)
+
+
+def _index_renames(cur, conn, target, staging) -> list[tuple[str, str]]:
+    """(staging index, target index) name pairs: LIKE ... INCLUDING ALL names the copied indexes
+    (and so their constraints) after the staging table. It copies them in the target's index
+    order; if the two lists do not match column for column, the generated names are kept."""
+    query = (
+        "SELECT c.relname, i.indkey::text, i.indclass::text, i.indisunique, i.indisprimary FROM pg_index i"
+        " JOIN pg_class c ON c.oid = i.indexrelid WHERE i.indrelid = to_regclass(%s) ORDER BY i.indexrelid"
+    )
+    old = cur.execute(query, [target.as_string(conn)]).fetchall()
+    new = cur.execute(query, [staging.as_string(conn)]).fetchall()
+    if [row[1:] for row in old] != [row[1:] for row in new]:
+        return []
+    return [(staged[0], kept[0]) for staged, kept in zip(new, old, strict=True)]
 
 
 def _copy_grants(cur, conn, source, target) -> None:

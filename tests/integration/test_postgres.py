@@ -212,6 +212,8 @@ def test_overwrite_keeps_the_tables_owner_grants_and_triggers(ray_conn, pg, monk
         f"GRANT SELECT ON shared TO {reader} WITH GRANT OPTION",
         "GRANT INSERT ON shared TO PUBLIC",
         f"ALTER TABLE shared OWNER TO {owner}",
+        "ALTER TABLE shared ADD CONSTRAINT shared_key PRIMARY KEY (id)",
+        "CREATE INDEX shared_by_day ON shared (day)",
     ):
         pg.conn.execute(statement)
     before = relation(pg)
@@ -220,6 +222,7 @@ def test_overwrite_keeps_the_tables_owner_grants_and_triggers(ray_conn, pg, monk
     swapped = relation(pg)
     assert swapped["oid"] != before["oid"]  # a new table was swapped in ...
     assert swapped["owner"] == owner and swapped["acl"] == before["acl"]  # ... owned and granted as before
+    assert swapped["indexes"] == before["indexes"] == ["shared_by_day", "shared_key"]  # ... its indexes named so
     assert count(pg, "shared") == 100
 
     # A trigger does not survive a swap: the rows are replaced in place and the trigger stays.
@@ -233,8 +236,17 @@ def test_overwrite_keeps_the_tables_owner_grants_and_triggers(ray_conn, pg, monk
     assert relation(pg) == swapped and count(pg, "shared") == 100
     assert count(pg, "inserts") == 1
 
-    # A loading role that does not own the table replaces its rows in place, with its privileges.
+    # Nor does a foreign key to another table.
     pg.conn.execute("DROP TRIGGER noted ON shared")
+    pg.conn.execute("CREATE TABLE days AS SELECT DISTINCT day FROM shared; ALTER TABLE days ADD PRIMARY KEY (day)")
+    pg.conn.execute("ALTER TABLE shared ADD CONSTRAINT shared_day FOREIGN KEY (day) REFERENCES days")
+    load(pg, ref, "shared", "overwrite", run_id="run-3b")
+    assert relation(pg) == swapped and count(pg, "shared") == 100
+    foreign_keys = "SELECT conname FROM pg_constraint WHERE conrelid = 'shared'::regclass AND contype = 'f'"
+    assert pg.conn.execute(foreign_keys).fetchall() == [("shared_day",)]
+    pg.conn.execute("ALTER TABLE shared DROP CONSTRAINT shared_day")
+
+    # A loading role that does not own the table replaces its rows in place, with its privileges.
     loader = f"loader_{pg.dbname}"
     for statement in (
         f"CREATE ROLE {loader} LOGIN PASSWORD 'loader-pw'",
@@ -250,7 +262,6 @@ def test_overwrite_keeps_the_tables_owner_grants_and_triggers(ray_conn, pg, monk
     assert relation(pg) == swapped and count(pg, "shared") == 100
 
     # Rows other tables reference cannot be replaced: the load fails without retries, nothing changes.
-    pg.conn.execute("ALTER TABLE shared ADD PRIMARY KEY (id)")
     pg.conn.execute("CREATE TABLE child (parent bigint REFERENCES shared (id))")
     with pytest.raises(AirflowFailException, match="overwrite cannot replace .*shared.*foreign key"):
         load(pg, ref, "shared", "overwrite", run_id="run-5")
@@ -260,9 +271,11 @@ def test_overwrite_keeps_the_tables_owner_grants_and_triggers(ray_conn, pg, monk
 
 def relation(pg, table: str = "shared") -> dict:
     row = pg.conn.execute(
-        "SELECT oid, pg_get_userbyid(relowner), relacl::text[] FROM pg_class WHERE oid = to_regclass(%s)", [table]
+        "SELECT oid, pg_get_userbyid(relowner), relacl::text[], ARRAY(SELECT indexrelid::regclass::text"
+        " FROM pg_index WHERE indrelid = c.oid ORDER BY 1) FROM pg_class c WHERE oid = to_regclass(%s)",
+        [table],
     ).fetchone()
-    return {"oid": row[0], "owner": row[1], "acl": sorted(row[2])}
+    return {"oid": row[0], "owner": row[1], "acl": sorted(row[2]), "indexes": row[3]}
 
 
 def count(pg, table: str) -> int:

@@ -11,8 +11,10 @@ import pyarrow.dataset as pads
 import pytest
 from airflow.sdk.exceptions import AirflowException
 
+from airflow_provider_raydata.hooks.ray import RayHook
 from airflow_provider_raydata.operators import RayDataLoadOperator
 from airflow_provider_raydata.runtime import refs
+from airflow_provider_raydata.runtime.postgres import publish, stage_load
 from tests.helpers import run_operator
 
 pytestmark = pytest.mark.integration
@@ -92,3 +94,45 @@ def test_postgres_upsert_never_replaces_a_newer_row_with_an_older_one(ray_conn, 
     # 3 keeps its newer version. 4 was deleted by the newer load, then the older load (which never
     # saw the delete) inserted it again: use tombstones (no delete_column) where runs may reorder.
     assert rows == [OLDER[0], OLDER[1], NEWER[0], OLDER[3], NEWER[2], NEWER[3]]
+
+
+def test_postgres_first_upsert_is_swapped_in_and_a_table_filled_meanwhile_is_merged(ray_conn, pg, tmp_path):
+    older, newer = committed(tmp_path / "older", OLDER), committed(tmp_path / "newer", NEWER)
+    columns = "id, part, v, seq, gone"
+
+    # Into a missing table: created with the key as its primary key, named after the table.
+    upsert(older, {"kind": "postgres", "postgres_conn_id": pg.conn_id, "table": "items"}, "run_1")
+    upsert(newer, {"kind": "postgres", "postgres_conn_id": pg.conn_id, "table": "items"}, "run_2")
+    assert pg.conn.execute(f"SELECT {columns} FROM items ORDER BY id").fetchall() == [*OLDER[:2], *NEWER]
+    key = "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint WHERE conrelid = %s::regclass"
+    assert pg.conn.execute(key, ["items"]).fetchall() == [("items_pkey", "PRIMARY KEY (id)")]
+
+    # Into an existing empty keyed table: its key, grants and comment stay.
+    pg.conn.execute("CREATE TABLE keyed (id bigint CONSTRAINT keyed_id PRIMARY KEY, part bigint, v text, seq bigint,"
+                    " gone boolean)")  # fmt: skip
+    pg.conn.execute("GRANT SELECT ON keyed TO PUBLIC; COMMENT ON TABLE keyed IS 'keyed items'")
+    acl = "SELECT relacl::text, obj_description(oid, 'pg_class') FROM pg_class WHERE oid = %s::regclass"
+    before = pg.conn.execute(acl, ["keyed"]).fetchone()
+    upsert(older, {"kind": "postgres", "postgres_conn_id": pg.conn_id, "table": "keyed"}, "run_1")
+    assert pg.conn.execute(f"SELECT {columns} FROM keyed ORDER BY id").fetchall() == OLDER
+    assert pg.conn.execute(acl, ["keyed"]).fetchone() == before and "=r/" in before[0]
+    assert [name for name, _ in pg.conn.execute(key, ["keyed"]).fetchall()] == ["keyed_id"]
+
+    # Staged as a first load, but another writer fills the table before the publish: the
+    # staged rows are upserted into it, and the other writer's rows stay.
+    with RayHook().connect():  # stage_load's COPY tasks run on the cluster
+        for table, made_meanwhile in (("raced", False), ("late", True)):
+            if not made_meanwhile:
+                pg.conn.execute(f"CREATE TABLE {table} (LIKE keyed INCLUDING ALL)")
+            plan = stage_load(older["uri"], None, {"conn": pg.params, "table": table, "mode": "upsert",
+                                                   "keys": ["id"]}, "0123456789abcdef")  # fmt: skip
+            assert plan["first_load"]
+            if made_meanwhile:
+                pg.conn.execute(f"CREATE TABLE {table} (LIKE keyed INCLUDING ALL)")
+            pg.conn.execute(f"INSERT INTO {table} VALUES (1, 1, 'outside', 0, false), (99, 0, 'outside', 0, false)")
+            with pg.conn.transaction():
+                publish(pg.conn, plan)
+            rows = pg.conn.execute(f"SELECT {columns} FROM {table} ORDER BY id").fetchall()
+            assert rows == [*OLDER, (99, 0, "outside", 0, False)]
+    leftovers = pg.conn.execute("SELECT tablename FROM pg_tables WHERE tablename LIKE '\\_raydata\\_%'").fetchall()
+    assert leftovers == [("_raydata_loads",)]  # the ledger; no staging tables
