@@ -169,6 +169,7 @@ def main() -> None:
                 count(conn, table),
                 stage_on_cluster_s=cluster,
                 copy_s=result["copy_seconds"],
+                index_s=result["index_seconds"],
                 publish_s=result["publish_seconds"],
             )
 

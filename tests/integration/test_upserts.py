@@ -107,10 +107,11 @@ def test_postgres_first_upsert_is_swapped_in_and_a_table_filled_meanwhile_is_mer
     key = "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint WHERE conrelid = %s::regclass"
     assert pg.conn.execute(key, ["items"]).fetchall() == [("items_pkey", "PRIMARY KEY (id)")]
 
-    # Into an existing empty keyed table: its key, grants and comment stay.
-    pg.conn.execute("CREATE TABLE keyed (id bigint CONSTRAINT keyed_id PRIMARY KEY, part bigint, v text, seq bigint,"
-                    " gone boolean)")  # fmt: skip
-    pg.conn.execute("GRANT SELECT ON keyed TO PUBLIC; COMMENT ON TABLE keyed IS 'keyed items'")
+    # Into an existing empty keyed table: its key, grants and comment stay (a dropped column too).
+    pg.conn.execute("CREATE TABLE keyed (old int, id bigint CONSTRAINT keyed_id PRIMARY KEY, part bigint, v text,"
+                    " seq bigint, gone boolean)")  # fmt: skip
+    pg.conn.execute("ALTER TABLE keyed DROP COLUMN old; GRANT SELECT ON keyed TO PUBLIC")
+    pg.conn.execute("COMMENT ON TABLE keyed IS 'keyed items'")
     acl = "SELECT relacl::text, obj_description(oid, 'pg_class') FROM pg_class WHERE oid = %s::regclass"
     before = pg.conn.execute(acl, ["keyed"]).fetchone()
     upsert(older, {"kind": "postgres", "postgres_conn_id": pg.conn_id, "table": "keyed"}, "run_1")
