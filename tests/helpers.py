@@ -36,3 +36,9 @@ def run_operator(
 ):
     ti = FakeTaskInstance(run_id=run_id, task_id=operator.task_id, try_number=try_number, previous_xcoms=previous_xcoms)
     return operator.execute({"ti": ti, **context}), ti
+
+
+def staging_tables(conn) -> list[str]:
+    """The PostgreSQL staging tables a load left behind (not the ``_raydata_loads`` ledger)."""
+    rows = conn.execute("SELECT tablename FROM pg_tables WHERE tablename LIKE '\\_raydata\\_%' ORDER BY 1").fetchall()
+    return [name for (name,) in rows if name != "_raydata_loads"]

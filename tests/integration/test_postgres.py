@@ -13,7 +13,7 @@ import pytest
 from airflow.sdk.exceptions import AirflowFailException
 
 from airflow_provider_raydata.operators import RayDataExtractOperator, RayDataLoadOperator
-from tests.helpers import run_operator
+from tests.helpers import run_operator, staging_tables
 
 pytestmark = pytest.mark.integration
 
@@ -197,7 +197,7 @@ def test_load_modes_publish_exactly_once(ray_conn, pg):
         names = dict(pg.conn.execute("SELECT id, name FROM target WHERE id IN (1, 2, 3, 5000)").fetchall())
         assert names == {1: "changed", 2: "changed", 5000: "new"}
     assert result["rows_deleted"] in (0, 1)
-    assert staging_tables(pg) == []
+    assert staging_tables(pg.conn) == []
 
 
 def test_overwrite_keeps_the_tables_owner_grants_and_triggers(ray_conn, pg, monkeypatch):
@@ -266,7 +266,7 @@ def test_overwrite_keeps_the_tables_owner_grants_and_triggers(ray_conn, pg, monk
     with pytest.raises(AirflowFailException, match="overwrite cannot replace .*shared.*foreign key"):
         load(pg, ref, "shared", "overwrite", run_id="run-5")
     assert relation(pg) == swapped and count(pg, "shared") == 100
-    assert staging_tables(pg) == []
+    assert staging_tables(pg.conn) == []
 
 
 def relation(pg, table: str = "shared") -> dict:
@@ -280,11 +280,6 @@ def relation(pg, table: str = "shared") -> dict:
 
 def count(pg, table: str) -> int:
     return pg.conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
-
-
-def staging_tables(pg) -> list[str]:
-    rows = pg.conn.execute("SELECT tablename FROM pg_tables WHERE tablename LIKE '\\_raydata\\_%' ORDER BY 1")
-    return [name for (name,) in rows.fetchall() if name != "_raydata_loads"]
 
 
 def test_bad_loads_name_the_problem_and_change_nothing(ray_conn, pg):
@@ -309,7 +304,15 @@ def test_bad_loads_name_the_problem_and_change_nothing(ray_conn, pg):
     with pytest.raises(AirflowFailException, match=r"upsert into public.unkeyed on \(id\) needs a primary key"):
         load(pg, only_ids, "unkeyed", "upsert", keys=["id"])
     assert count(pg, "unkeyed") == 0
-    assert staging_tables(pg) == []
+    pg.conn.execute("CREATE TABLE one_per_day (id bigint, day date UNIQUE); INSERT INTO one_per_day VALUES (1, NULL)")
+    days = RayDataExtractOperator(
+        task_id="days",
+        source={"kind": "postgres", "postgres_conn_id": pg.conn_id, "query": "SELECT id, day FROM src"},
+    )
+    with pytest.raises(AirflowFailException, match=r"public.one_per_day has a unique index .*\(day\)=\(2024-01-0"):
+        load(pg, run_operator(days)[0], "one_per_day", "overwrite")
+    assert table_rows(pg.conn, "one_per_day") == [(1, None)]
+    assert staging_tables(pg.conn) == []
 
     # A table name that tries injection is quoted as one identifier: it names a (strange) table.
     pg.conn.execute("CREATE TABLE victim (id int)")

@@ -18,7 +18,7 @@ import pytest
 from airflow_provider_raydata.operators import RayDataExtractOperator, RayDataLoadOperator
 from airflow_provider_raydata.runtime import refs
 from tests.conftest import ROOT
-from tests.helpers import run_operator
+from tests.helpers import run_operator, staging_tables
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -41,11 +41,6 @@ def committed_ref(root, rows: int) -> dict:
     for part in range(4):
         pq.write_table(table.slice(part * rows // 4, rows // 4), f"{attempt}/part-{part}.parquet")
     return refs.commit(attempt, None, {})
-
-
-def staging_tables(conn) -> list[str]:
-    rows = conn.execute("SELECT tablename FROM pg_tables WHERE tablename LIKE '\\_raydata\\_%' ORDER BY 1").fetchall()
-    return [name for (name,) in rows if name != "_raydata_loads"]
 
 
 def copying_into(conn, table: str) -> bool:

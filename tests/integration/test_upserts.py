@@ -9,13 +9,13 @@ import shutil
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
-from airflow.sdk.exceptions import AirflowException
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from airflow_provider_raydata.hooks.ray import RayHook
 from airflow_provider_raydata.operators import RayDataLoadOperator
 from airflow_provider_raydata.runtime import refs
 from airflow_provider_raydata.runtime.postgres import publish, stage_load
-from tests.helpers import run_operator
+from tests.helpers import run_operator, staging_tables
 
 pytestmark = pytest.mark.integration
 
@@ -77,12 +77,25 @@ def test_lake_upsert_killed_between_publishing_and_cleaning_up_is_repaired_by_th
 def test_upsert_with_repeated_keys_and_no_sequence_fails_and_changes_nothing(ray_conn, pg, tmp_path):
     twice = committed(tmp_path / "twice", [*OLDER, (1, 1, "a9", 9, False)])
     lake_target = {"kind": "parquet", "path": str(tmp_path / "lake"), "partition_by": ["part"]}
-    pg_target = {"kind": "postgres", "postgres_conn_id": pg.conn_id, "table": "items"}
-    for target in (lake_target, pg_target):
-        with pytest.raises(AirflowException, match=r"key \(id=1\) appears more than once"):
-            upsert(twice, target, "run_1")
+    with pytest.raises(AirflowException, match=r"key \(id=1\) appears more than once"):
+        upsert(twice, lake_target, "run_1")
     assert not (tmp_path / "lake").exists() or lake(tmp_path / "lake") == []
+
+    # PostgreSQL fails without retries whichever way the load goes: a first load (missing or
+    # empty table) finds the key when it builds the unique index, a later one before its COPY.
+    pg_target = {"kind": "postgres", "postgres_conn_id": pg.conn_id, "table": "items"}
+    first_load = r"public.items has a unique index that this load breaks: Key \(id\)=\(1\) is duplicated"
+    with pytest.raises(AirflowFailException, match=first_load):
+        upsert(twice, pg_target, "run_1")
     assert pg.conn.execute("SELECT to_regclass('items')").fetchone()[0] is None
+    pg.conn.execute("CREATE TABLE items (id bigint PRIMARY KEY, part bigint, v text, seq bigint, gone boolean)")
+    with pytest.raises(AirflowFailException, match=first_load):
+        upsert(twice, pg_target, "run_1")
+    pg.conn.execute("INSERT INTO items VALUES (7, 0, 'kept', 0, false)")
+    with pytest.raises(AirflowFailException, match=r"key \(id=1\) appears more than once"):
+        upsert(twice, pg_target, "run_1")
+    assert pg.conn.execute("SELECT id, v FROM items").fetchall() == [(7, "kept")]
+    assert staging_tables(pg.conn) == []
 
 
 def test_postgres_upsert_never_replaces_a_newer_row_with_an_older_one(ray_conn, pg, tmp_path):
@@ -135,5 +148,4 @@ def test_postgres_first_upsert_is_swapped_in_and_a_table_filled_meanwhile_is_mer
                 publish(pg.conn, plan)
             rows = pg.conn.execute(f"SELECT {columns} FROM {table} ORDER BY id").fetchall()
             assert rows == [*OLDER, (99, 0, "outside", 0, False)]
-    leftovers = pg.conn.execute("SELECT tablename FROM pg_tables WHERE tablename LIKE '\\_raydata\\_%'").fetchall()
-    assert leftovers == [("_raydata_loads",)]  # the ledger; no staging tables
+    assert staging_tables(pg.conn) == []
