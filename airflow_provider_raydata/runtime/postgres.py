@@ -327,9 +327,7 @@ def stage_load(uri: str, storage: dict | None, destination: dict[str, Any], load
             return plan
         if mode == "upsert" and existing is not None:
             _check_conflict_target(cur, plan, target, target)  # before anything is copied
-            plan["first_load"] = _is_first_load(plan) and not _has_rows(cur, target)
-        else:
-            plan["first_load"] = _is_first_load(plan)
+        plan["first_load"] = _is_first_load(plan) and (existing is None or not _has_rows(cur, target))
         if mode == "upsert" and not plan["sequence_by"] and not plan["first_load"]:
             # Checked before anything is copied (a first load's unique index build finds them), by
             # pyarrow on the files' key columns: PostgreSQL's GROUP BY on staging took 10 s for 6M rows.
@@ -550,8 +548,8 @@ def _publish(conn, plan: dict[str, Any], storage: dict | None) -> dict[str, Any]
     target, columns = sql.Identifier(schema, table), idents(plan["columns"])
     staging = sql.Identifier(schema, plan["staging_table"]) if plan["staging_table"] else None
     ledger = sql.Identifier(schema, LEDGER)
-    keys = ("destination", "mode", "rows_written", "load_id", "copy_seconds", "index_seconds")
-    result = {key: plan[key] for key in keys}
+    reported = ("destination", "mode", "rows_written", "load_id", "copy_seconds", "index_seconds")
+    result = {key: plan[key] for key in reported}
     result.update(rows_deleted=0, skipped=False, partitions=[])
     with conn.cursor() as cur:
         # One publisher per table at a time (a retry may overlap a killed try's orphan stage).
@@ -821,7 +819,8 @@ def _replace_in_place(cur, target, staging, columns) -> None:
 
     sql = _sql()
     try:
-        cur.execute(sql.SQL("TRUNCATE {}").format(target))
+        if _has_rows(cur, target):  # an empty table (a first upsert) needs none, even if referenced
+            cur.execute(sql.SQL("TRUNCATE {}").format(target))
     except errors.FeatureNotSupported as exc:  # emptying it would break other tables' foreign keys
         raise ValueError(f"overwrite cannot replace {target.as_string(cur)}: {exc.diag.message_primary}") from None
     cur.execute(sql.SQL("INSERT INTO {} ({}) SELECT {} FROM {}").format(target, columns, columns, staging))

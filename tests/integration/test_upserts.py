@@ -132,6 +132,12 @@ def test_postgres_first_upsert_is_swapped_in_and_a_table_filled_meanwhile_is_mer
     assert pg.conn.execute(acl, ["keyed"]).fetchone() == before and "=r/" in before[0]
     assert [name for name, _ in pg.conn.execute(key, ["keyed"]).fetchall()] == ["keyed_id"]
 
+    # An empty table that another table's foreign key references cannot be swapped: the staged
+    # rows are inserted into it instead.
+    pg.conn.execute("CREATE TABLE parent (LIKE keyed INCLUDING ALL); CREATE TABLE child (id bigint REFERENCES parent)")
+    upsert(older, {"kind": "postgres", "postgres_conn_id": pg.conn_id, "table": "parent"}, "run_1")
+    assert pg.conn.execute(f"SELECT {columns} FROM parent ORDER BY id").fetchall() == OLDER
+
     # Staged as a first load, but another writer fills the table before the publish: the
     # staged rows are upserted into it, and the other writer's rows stay.
     with RayHook().connect():  # stage_load's COPY tasks run on the cluster
