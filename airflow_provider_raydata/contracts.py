@@ -1,0 +1,356 @@
+"""Every value that crosses a process boundary, declared once.
+
+The package's code runs in three places: the DAG parser and the Airflow worker (operators,
+hooks), the Ray cluster (``runtime``) and, for Snowflake/BigQuery publishing, the worker again
+through ``runtime`` code. What travels between them is declared here:
+
+    operator --StageSpec--> RayHook --(Ray Client)--> StageExecutor --> StageProcess: run_stage
+    operator <--StageResult-- ...                       (DatasetRef, Metrics, LoadResult, ...)
+    XCom: DatasetRef.to_dict(), Metrics, LoadResult, the quality report (keys in ``XCom``)
+
+Frozen dataclasses rather than TypedDicts: a value is built and validated once (from the
+user's dicts and strings, at DAG parse time where they are static) and never enriched in place
+on its way; a misspelt or missing field fails where the value is built, not three processes
+later (TypedDicts check nothing at run time); and the runtime reads attributes, so a field's
+name is spelled here and at its uses, never as a string key in several modules. Plain JSON is
+the contract only at the edges users see (XCom, the ``_SUCCESS`` marker of a committed
+dataset): there ``to_dict``/``from_dict`` convert.
+
+The step and check languages (``{"op": "filter", ...}``, ``{"check": "unique", ...}``) are
+declared by their tables in ``runtime.specs`` and ``runtime.check_kinds``; a stage carries them
+as validated plain data because users write them as such.
+
+Imports neither Airflow nor Ray nor pyarrow: the parser, the worker and the cluster import it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Literal
+
+
+class XCom:
+    """The XCom keys a stage's task pushes (besides its return value)."""
+
+    METRICS = "metrics"
+    QUALITY_REPORT = "quality_report"
+    QUARANTINE = "quarantine"
+    DASHBOARD_URL = "ray_dashboard_url"
+
+
+# --- failures: retried or not ----------------------------------------------------------------
+
+
+class DataError(ValueError):
+    """The data or the request cannot succeed as given (bad input, an unknown column, a broken
+    constraint, a key repeated in an upsert): a retry would fail the same way, so the task
+    fails without retrying. Raised by the runtime and by ``classify`` for drivers' errors."""
+
+
+# PostgreSQL/Snowflake SQLSTATE classes that no retry fixes: data exception, integrity
+# constraint violation, syntax error or access rule violation (unknown column, no privilege).
+_DATA_SQLSTATE_CLASSES = ("22", "23", "42")
+# BigQuery error reasons (google.api_core's ``errors[].reason``) that no retry fixes.
+_BIGQUERY_DATA_REASONS = ("invalid", "invalidQuery", "notFound", "duplicate", "accessDenied")
+
+
+def is_data_error(exc: BaseException) -> bool:
+    """The one failure classification: True when ``exc`` (or what it wraps) means the task must
+    fail without retries; everything else (lost connections and workers, timeouts, quotas,
+    rate limits, server errors) is retried by Airflow.
+
+    Data errors: ``DataError`` and ``ValueError`` raised while validating the data (pyarrow's
+    ``ArrowInvalid`` included), SQLSTATE classes 22/23/42 from PostgreSQL (psycopg) and
+    Snowflake, and BigQuery's invalid/invalidQuery/notFound/duplicate/accessDenied reasons."""
+    for error in _chain(exc):
+        if isinstance(error, ValueError):
+            return True
+        sqlstate = getattr(error, "sqlstate", None)
+        if isinstance(sqlstate, str) and sqlstate[:2] in _DATA_SQLSTATE_CLASSES:
+            return True
+        reasons = [e.get("reason") for e in getattr(error, "errors", None) or [] if isinstance(e, Mapping)]
+        if getattr(error, "code", None) in (400, 403, 404, 409) and reasons:
+            return all(reason in _BIGQUERY_DATA_REASONS for reason in reasons)
+    return False
+
+
+def _chain(exc: BaseException):
+    """``exc`` and the exceptions behind it (``raise ... from``, Ray's ``RayTaskError.cause``)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
+
+
+# --- dataset references: the XCom payload ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProducedBy:
+    """The Airflow task (try) that produced a dataset or runs a stage."""
+
+    dag_id: str = ""
+    run_id: str = ""
+    task_id: str = ""
+    try_number: int = 1
+
+    @property
+    def task(self) -> tuple[str, str, str]:
+        """One Airflow task of one run: its tries supersede each other."""
+        return self.dag_id, self.run_id, self.task_id
+
+
+@dataclass(frozen=True)
+class DatasetRef:
+    """A committed Parquet dataset: its URI (an attempt directory with a ``_SUCCESS`` marker) and
+    what downstream stages need without reading it. As XCom and as the marker: ``to_dict()``."""
+
+    uri: str
+    format: str = "parquet"
+    num_rows: int | None = None
+    schema: dict[str, str] = field(default_factory=dict)  # column -> Arrow type name
+    size_bytes: int | None = None
+    num_files: int | None = None
+    produced_by: ProducedBy = field(default_factory=ProducedBy)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, value: Mapping[str, Any]) -> DatasetRef:
+        known = {f.name for f in fields(cls)}
+        data = {k: v for k, v in value.items() if k in known}  # older markers may carry more
+        if not data.get("uri"):
+            raise DataError(f"Not a dataset reference (no 'uri'): {dict(value)!r}")
+        data["produced_by"] = ProducedBy(**(data.get("produced_by") or {}))
+        return cls(**data)
+
+    @classmethod
+    def parse(cls, value: Any, name: str = "input") -> DatasetRef:
+        """What users pass as ``input=``: a reference dict (XCom), its JSON (a template) or a URI."""
+        if isinstance(value, DatasetRef):
+            return value
+        if value is None or value == "":
+            raise DataError(f"No {name} dataset reference was given (or the upstream task pushed none)")
+        if isinstance(value, str) and value.lstrip().startswith("{"):
+            value = json.loads(value)
+        if isinstance(value, str):
+            return cls(uri=value)  # resolved (and its marker checked) on the cluster
+        if isinstance(value, Mapping):
+            return cls.from_dict(value)
+        raise DataError(f"{name}: not a dataset reference or URI: {value!r}")
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """What every stage reports (XCom ``metrics``)."""
+
+    rows_in: int | None
+    rows_out: int | None
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --- destinations and the one upsert semantics -------------------------------------------------
+
+DESTINATION_MODES = {
+    "parquet": ("append", "overwrite", "overwrite_partitions", "upsert"),
+    "postgres": ("append", "overwrite", "replace_partition", "upsert"),
+    "snowflake": ("append", "overwrite", "replace_partition", "upsert"),
+    "bigquery": ("append", "overwrite", "replace_partition", "upsert"),
+}
+# Source/destination kinds that name an Airflow connection: kind -> (user's key, default id).
+CONNECTION_KEYS = {
+    "postgres": ("postgres_conn_id", "postgres_default"),
+    "snowflake": ("snowflake_conn_id", "snowflake_default"),
+    "bigquery": ("gcp_conn_id", "google_cloud_default"),
+}
+
+
+@dataclass(frozen=True)
+class UpsertRule:
+    """How an upsert merges a load into its target; ``runtime.upsert`` states the rules and
+    every dialect (lake, PostgreSQL, Snowflake, BigQuery) implements exactly them."""
+
+    keys: tuple[str, ...]
+    sequence_by: str | None = None
+    delete_column: str | None = None
+
+    @property
+    def first_load_is_insert(self) -> bool:
+        """Into an empty target every row goes in as it is: no version to pick, no delete to apply."""
+        return not self.sequence_by and not self.delete_column
+
+
+@dataclass(frozen=True)
+class Destination:
+    """Where a load writes, built from the user's ``destination`` (a path or a dict) once.
+
+    ``conn`` holds the connection parameters resolved on the worker by the provider's own hook
+    (secrets: never in a repr, log or exception); ``conn_id`` names that Airflow connection."""
+
+    kind: Literal["parquet", "postgres", "snowflake", "bigquery"] = "parquet"
+    mode: str = "append"
+    path: str | None = None  # parquet
+    table: str | dict | None = None  # warehouses: "schema.table", "db.schema.table" or a dict
+    partition_by: tuple[str, ...] = ()
+    keys: tuple[str, ...] = ()
+    sequence_by: str | None = None
+    delete_column: str | None = None
+    partition: str | None = None  # bigquery replace_partition: "YYYYMMDD"
+    project: str | None = None  # bigquery
+    location: str | None = None  # bigquery
+    min_rows_per_file: int | None = None  # parquet
+    conn_id: str | None = None
+    conn: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_user(
+        cls,
+        value: str | Mapping[str, Any],
+        mode: str | None = None,
+        keys: list[str] | None = None,
+        partition_by: list[str] | None = None,
+    ) -> Destination:
+        """A path means a Parquet lake; ``mode``/``keys``/``partition_by`` (the operator's
+        arguments) apply where the dict does not say. Raises ``DataError`` naming the problem."""
+        data = dict(value) if isinstance(value, Mapping) else {"kind": "parquet", "path": value}
+        kind = data.pop("kind", "parquet")
+        if kind not in DESTINATION_MODES:
+            raise DataError(f"Unknown destination kind {kind!r}; known kinds: {', '.join(DESTINATION_MODES)}")
+        conn_key, _ = CONNECTION_KEYS.get(kind, (None, None))
+        if conn_key and conn_key in data:
+            data["conn_id"] = data.pop(conn_key)
+        data.setdefault("mode", mode or "append")
+        for name, given in (("keys", keys), ("partition_by", partition_by)):
+            data[name] = tuple(data.get(name) or given or ())
+        unknown = sorted(set(data) - {f.name for f in fields(cls)} - {"conn"})
+        if unknown:
+            raise DataError(f"Unknown field(s) {unknown} in a {kind} destination")
+        destination = cls(kind=kind, **data)
+        destination.validate()
+        return destination
+
+    def validate(self) -> None:
+        modes = DESTINATION_MODES[self.kind]
+        if self.mode not in modes:
+            raise DataError(f"Unknown mode {self.mode!r} for a {self.kind} destination; use {', '.join(modes)}")
+        if self.mode in ("overwrite_partitions", "replace_partition") and not self.partition_by:
+            raise DataError(f"mode {self.mode!r} needs partition_by")
+        if self.mode == "upsert" and not self.keys:
+            raise DataError("mode 'upsert' needs keys (the columns that identify a row)")
+        if self.kind == "parquet" and not self.path:
+            raise DataError("a parquet destination needs 'path'")
+        if self.kind != "parquet" and not self.table:
+            raise DataError(f"a {self.kind} destination needs 'table'")
+        if self.kind == "bigquery" and self.mode == "replace_partition" and not self.partition:
+            raise DataError(
+                "a bigquery replace_partition needs 'partition': the partition to replace, e.g. '{{ ds_nodash }}'"
+            )
+
+    @property
+    def upsert(self) -> UpsertRule:
+        return UpsertRule(self.keys, self.sequence_by, self.delete_column)
+
+    @property
+    def default_conn_id(self) -> str | None:
+        return self.conn_id or CONNECTION_KEYS.get(self.kind, (None, None))[1]
+
+    def with_conn(self, conn: dict[str, Any]) -> Destination:
+        return replace(self, conn=conn)
+
+    def check_columns(self, columns: list[str]) -> None:
+        """The columns the mode needs must be in the dataset (checked on the cluster)."""
+        named = [*self.keys, *self.partition_by, *(c for c in (self.sequence_by, self.delete_column) if c)]
+        for column in named:
+            if column not in columns:
+                raise DataError(f"Unknown column {column!r} for {self.mode}; dataset columns: {', '.join(columns)}")
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    """What a load published (XCom return value of a load task)."""
+
+    destination: str
+    mode: str
+    rows_written: int
+    load_id: str = ""
+    rows_deleted: int = 0
+    skipped: bool = False  # this run's append was already published by an earlier try
+    partitions: list[str] = field(default_factory=list)
+    files_written: int | None = None  # lake
+    rows_in_partitions: int | None = None  # lake upsert: rows of the rewritten partitions
+    copy_seconds: float | None = None  # postgres
+    index_seconds: float | None = None  # postgres
+    publish_seconds: float | None = None  # postgres
+    seconds: float | None = None  # bigquery
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+# --- stages ------------------------------------------------------------------------------------
+
+STAGES = ("extract", "transform", "quality", "load", "cleanup")
+
+
+@dataclass(frozen=True)
+class CleanupRequest:
+    """Staging retention (``runtime.retention.clean_staging``): one listing or removal pass."""
+
+    staging_uri: str
+    older_than_days: float
+    lake_paths: tuple[str, ...] = ()
+    dry_run: bool = True
+    active_runs: tuple[tuple[str, str], ...] = ()
+    now: str | None = None  # the listing pass's clock, reused by the removal pass
+    candidates: tuple[str, ...] | None = None  # "dag/run" directories checked against Airflow
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage, as the operator hands it to the cluster. Plain, picklable data: user functions
+    travel as callables (pickled by value) or ``"package.module:function"`` references."""
+
+    stage: Literal["extract", "transform", "quality", "load", "cleanup"]
+    name: str  # shown in the Ray dashboard: "dag_id.task_id"
+    produced_by: ProducedBy
+    stage_id: str = ""  # set by RayHook: one id per submission
+    storage: dict[str, Any] = field(default_factory=dict, repr=False)  # object-store options (secrets)
+    tuning: dict[str, Any] = field(default_factory=dict)  # runtime.runner.DEFAULT_TUNING overrides
+    output_uri: str | None = None  # the task's staging prefix (extract, transform, quality)
+    source: dict[str, Any] | None = None  # extract: see runtime.sources
+    input: DatasetRef | None = None  # transform, quality, load
+    steps: tuple[dict[str, Any], ...] = ()  # transform: see runtime.specs.STEP_FIELDS
+    checks: tuple[dict[str, Any], ...] = ()  # quality: see runtime.check_kinds
+    score_threshold: float | None = None  # quality
+    destination: Destination | None = None  # load
+    load_id: str = ""  # load: one per (DAG run, task), so a retry replaces or skips its own load
+    cleanup: CleanupRequest | None = None
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise DataError(f"Unknown stage {self.stage!r}; known stages: {', '.join(STAGES)}")
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """What a stage sends back: references and summaries, never rows.
+
+    ``held`` marks a PostgreSQL load published in a transaction left open on the cluster: the
+    task commits it through ``RayHook.commit_stage`` once it holds this result."""
+
+    stage: str
+    metrics: Metrics
+    ref: DatasetRef | None = None  # extract, transform, quality (the passing rows)
+    input: DatasetRef | None = None
+    report: dict[str, Any] | None = None  # quality: runtime.checks.merge_report
+    quarantine: DatasetRef | None = None  # quality
+    load: LoadResult | None = None
+    cleanup: dict[str, Any] | None = None  # runtime.retention.clean_staging's summary
+    held: bool = False
