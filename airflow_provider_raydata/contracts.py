@@ -294,6 +294,50 @@ class LoadResult:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
 
+# --- load plans: a load's decisions, made once and carried between its steps ----------------
+
+
+@dataclass(frozen=True)
+class PostgresPlan:
+    """A PostgreSQL load as ``runtime.postgres.stage`` decided it, for ``publish`` (both on the cluster)."""
+
+    destination: str  # "schema.table", as the ledger and messages name it
+    schema: str
+    table: str
+    mode: str
+    columns: list[str]
+    upsert: UpsertRule
+    partition_by: list[str]
+    load_id: str
+    uri: str  # the committed input
+    files: list[str]  # its Parquet files
+    column_types: list[str] | None = None  # PostgreSQL types, for a table this load creates
+    staging_table: str | None = None  # overwrite and upsert: where the rows were copied first
+    first_load: bool = False  # an upsert into a missing or empty table, staged like an overwrite
+    rows_written: int = 0
+    copy_seconds: float = 0.0
+    index_seconds: float = 0.0  # building the staging table's indexes after its COPY
+
+
+@dataclass(frozen=True)
+class SnowflakePlan:
+    """A Snowflake load staged on the cluster (``runtime.snowflake.stage``) and published by the
+    task on the Airflow worker (``hooks.snowflake``)."""
+
+    destination: str  # "database.schema.table"
+    database: str
+    schema: str
+    table: str
+    staging_table: str
+    mode: str
+    columns: list[str]
+    upsert: UpsertRule
+    partition_by: list[str]
+    load_id: str
+    rows_written: int
+    created: bool  # the target did not exist when the load was staged
+
+
 # --- stages ------------------------------------------------------------------------------------
 
 STAGES = ("extract", "transform", "quality", "load", "cleanup")
@@ -352,5 +396,6 @@ class StageResult:
     report: dict[str, Any] | None = None  # quality: runtime.checks.merge_report
     quarantine: DatasetRef | None = None  # quality
     load: LoadResult | None = None
+    staged: SnowflakePlan | None = None  # a Snowflake load for the task to publish
     cleanup: dict[str, Any] | None = None  # runtime.retention.clean_staging's summary
     held: bool = False

@@ -17,10 +17,12 @@ from typing import Any
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from ..contracts import DatasetRef, ProducedBy
 from .storage import exists, filesystem_for, join_uri
 
 SUCCESS = "_SUCCESS"
 ATTEMPT_PREFIX = "attempt-"  # no "=": readers would take it for a hive partition
+QUARANTINE_DIR = "quarantine"  # a quality task's failing rows: {task prefix}/quarantine/attempt-*/
 
 
 def safe_segment(value: str) -> str:
@@ -60,17 +62,13 @@ def describe_files(fs: pafs.FileSystem, path: str) -> dict[str, Any]:
     }
 
 
-def commit(
-    attempt_uri: str, storage: dict | None, produced_by: dict[str, Any], schema: dict | None = None
-) -> dict[str, Any]:
+def commit(attempt_uri: str, storage: dict | None, produced_by: ProducedBy) -> DatasetRef:
     """Write the ``_SUCCESS`` marker for an attempt, drop older attempts, return the reference."""
     fs, path = filesystem_for(attempt_uri, storage)
     fs.create_dir(path, recursive=True)  # an empty result still commits as an empty dataset
-    ref = {"uri": attempt_uri, "format": "parquet", **describe_files(fs, path), "produced_by": produced_by}
-    if schema and not ref["schema"]:
-        ref["schema"] = schema
+    ref = DatasetRef(uri=attempt_uri, **describe_files(fs, path), produced_by=produced_by)
     with fs.open_output_stream(f"{path}/{SUCCESS}") as out:
-        out.write(json.dumps(ref).encode())
+        out.write(json.dumps(ref.to_dict()).encode())
     parent = path.rsplit("/", 1)[0]
     for info in fs.get_file_info(pafs.FileSelector(parent, allow_not_found=True)):
         name = info.base_name
@@ -79,13 +77,9 @@ def commit(
     return ref
 
 
-def resolve(ref: dict[str, Any] | str, storage: dict | None) -> dict[str, Any]:
-    """Accept a reference dict or a committed URI; check the commit marker; return the reference."""
-    if isinstance(ref, str):
-        ref = {"uri": ref}
-    uri = ref.get("uri") if isinstance(ref, dict) else None
-    if not uri:
-        raise ValueError(f"Not a dataset reference (no 'uri'): {ref!r}")
+def resolve(ref: DatasetRef, storage: dict | None) -> DatasetRef:
+    """Check a reference's commit marker; return the reference the marker records."""
+    uri = ref.uri
     fs, path = filesystem_for(uri, storage)
     marker = f"{path}/{SUCCESS}"
     if not exists(fs, marker):
@@ -93,4 +87,4 @@ def resolve(ref: dict[str, Any] | str, storage: dict | None) -> dict[str, Any]:
             raise FileNotFoundError(f"Input dataset not found: {uri}")
         raise FileNotFoundError(f"Input dataset {uri} is not committed (no {SUCCESS} marker)")
     with fs.open_input_stream(marker) as handle:
-        return json.loads(handle.read())
+        return DatasetRef.from_dict(json.loads(handle.read()))

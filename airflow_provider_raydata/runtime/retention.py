@@ -19,11 +19,10 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from .refs import ATTEMPT_PREFIX, SUCCESS, safe_segment
-from .sinks import STAGING_DIR
+from .lake import STAGING_DIR
+from .refs import ATTEMPT_PREFIX, QUARANTINE_DIR, SUCCESS, safe_segment
 from .storage import filesystem_for
 
-QUARANTINE_DIR = "quarantine"
 THREADS = 16  # marker reads and deletes are one or two requests each on object stores
 
 
