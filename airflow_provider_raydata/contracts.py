@@ -338,6 +338,24 @@ class SnowflakePlan:
     created: bool  # the target did not exist when the load was staged
 
 
+@dataclass(frozen=True)
+class BigQueryPlan:
+    """A BigQuery load's jobs, decided up front (``runtime.bigquery.load``; on the Airflow worker).
+    ``load_config`` is the REST API's job configuration (Google's declared shape)."""
+
+    destination: str  # "project.dataset.table"
+    project: str
+    mode: str
+    load_id: str
+    source_uris: list[str]  # the committed Parquet files, read by BigQuery itself
+    load_config: dict[str, Any]
+    location: str | None = None
+    partitions: list[str] = field(default_factory=list)
+    staging_table: str | None = None  # upsert: loaded first, then merged by ``merge_script``
+    merge_script: str | None = None
+    job_id_prefix: str | None = None  # append: the job id is the ledger
+
+
 # --- stages ------------------------------------------------------------------------------------
 
 STAGES = ("extract", "transform", "quality", "load", "cleanup")

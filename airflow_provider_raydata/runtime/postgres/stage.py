@@ -99,11 +99,7 @@ def stage_load(uri: str, storage: dict | None, destination: Destination, load_id
         new_columns = definition(columns, plan.column_types) if existing is None else None
         if mode == "overwrite" or plan.first_load:
             # A full, logged table like the target: publish swaps it in (no second copy of the rows).
-            like = (
-                sql.SQL("LIKE {} INCLUDING ALL").format(target)
-                if existing is not None
-                else definition(columns, plan.column_types)
-            )
+            like = sql.SQL("LIKE {} INCLUDING ALL").format(target) if existing is not None else new_columns
             cur.execute(sql.SQL("CREATE TABLE {} ({})").format(staging, like))
         elif existing is not None:
             cur.execute(
