@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any
 from urllib.parse import urlparse
@@ -22,7 +22,7 @@ from urllib.parse import urlparse
 from airflow.sdk import BaseHook
 from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowNotFoundException
 
-from airflow_provider_raydata.runtime.specs import DataError
+from airflow_provider_raydata.contracts import StageResult, StageSpec, is_data_error
 
 DEFAULT_CLIENT_PORT = 10001
 DEFAULT_CONNECT_TIMEOUT = 30.0
@@ -82,7 +82,7 @@ class RayHook(BaseHook):
         self._running = None
         self._executor = None
         self._stage_id = ""
-        self._awaiting_commit = False
+        self._held = False  # the last stage left a load published in an open transaction
 
     @classmethod
     def get_ui_field_behaviour(cls) -> dict[str, Any]:
@@ -186,22 +186,22 @@ class RayHook(BaseHook):
             self.log.warning("Connecting to %s failed (attempt %d): %s", settings.address, attempt, message)
             time.sleep(attempt)
 
-    def run_stage(self, spec: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
-        """Run one stage on the cluster and return its small result dict."""
+    def run_stage(self, spec: StageSpec, timeout: float | None = None) -> StageResult:
+        """Run one stage on the cluster and return its small result."""
         import ray
         from ray.exceptions import RayError, RayTaskError
 
-        spec = {**spec, "stage_id": spec.get("stage_id") or uuid.uuid4().hex}
+        spec = replace(spec, stage_id=spec.stage_id or uuid.uuid4().hex)
         with self.connect():
             self._executor = self.stage_executor()
-            self._stage_id = spec["stage_id"]
+            self._stage_id = spec.stage_id
             self._running = self._executor.run.remote(spec)
             # Wait in a helper thread: the main thread then holds no Ray Client lock when
             # Airflow's SIGTERM handler calls on_kill -> cancel() on it.
             waiter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raydata-stage")
             try:
                 result = waiter.submit(ray.get, self._running).result(timeout=timeout)
-                self._awaiting_commit = bool(result.get("awaiting_commit"))
+                self._held = result.held
                 return result
             except FutureTimeout:
                 self.cancel()
@@ -224,9 +224,9 @@ class RayHook(BaseHook):
         import ray
         from ray.exceptions import RayError, RayTaskError
 
-        if not self._awaiting_commit:
+        if not self._held:
             return
-        self._awaiting_commit = False
+        self._held = False
         try:
             with self.connect():
                 done = ray.get(self._executor.commit.remote(self._stage_id, commit), timeout=CANCEL_TIMEOUT)
@@ -297,7 +297,7 @@ class RayHook(BaseHook):
         """Cancel the running stage (``on_kill``, ``stage_timeout``): the executor cancels the
         stage's Ray task (``ray.cancel``) and ends its process (``ray.kill``) before it commits;
         a load awaiting its commit is rolled back the same way."""
-        if self._running is None and not self._awaiting_commit:
+        if self._running is None and not self._held:
             return
         import ray
 
@@ -311,9 +311,9 @@ class RayHook(BaseHook):
 
 
 def failure(exc: BaseException) -> type[AirflowException]:
-    """AirflowFailException (no retries) when the data cannot be loaded as asked, else a retryable error."""
-    data_error = isinstance(exc, DataError) or isinstance(getattr(exc, "cause", None), DataError)
-    return AirflowFailException if data_error else AirflowException
+    """AirflowFailException (no retries) for a data error (``contracts.is_data_error``), else a
+    retryable AirflowException: the one place where a stage's failure becomes Airflow's."""
+    return AirflowFailException if is_data_error(exc) else AirflowException
 
 
 def _executor_handle(name: str, namespace: str):

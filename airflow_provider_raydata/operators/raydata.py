@@ -1,38 +1,55 @@
-"""The four Ray Data operators. They render templates, build a plain stage spec, hand it to
-RayHook and push the small result to XCom; the rows never pass through the Airflow worker."""
+"""The Ray Data operators (Airflow worker). Thin: they render templates, build a
+``contracts.StageSpec``, hand it to ``RayHook`` and push the small result to XCom; the rows never
+pass through the Airflow worker. Run bookkeeping is in ``run_context``, task-log text in
+``reporting``, connections in ``hooks``."""
 
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
-import logging
 import os
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime, timedelta
+from dataclasses import replace
+from datetime import timedelta
 from functools import cached_property
 from typing import Any
 
 from airflow.sdk import BaseOperator, BaseOperatorLink
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
-from airflow.utils.state import TaskInstanceState
 
+from airflow_provider_raydata.contracts import (
+    CleanupRequest,
+    DataError,
+    DatasetRef,
+    Destination,
+    LoadResult,
+    Metrics,
+    ProducedBy,
+    StageResult,
+    StageSpec,
+    XCom,
+    is_data_error,
+)
+from airflow_provider_raydata.hooks.bigquery import load_bigquery
+from airflow_provider_raydata.hooks.connections import resolve_connection, resolve_destination
+from airflow_provider_raydata.hooks.postgres import sweep_postgres
 from airflow_provider_raydata.hooks.ray import RayHook
-from airflow_provider_raydata.hooks.warehouses import (
-    aws_storage_options,
-    gcs_storage_options,
-    load_bigquery,
-    postgres_watermark,
-    publish_load,
-    resolve_connection,
-    sweep_postgres,
+from airflow_provider_raydata.hooks.snowflake import publish_snowflake
+from airflow_provider_raydata.hooks.storage import aws_storage_options, gcs_storage_options
+from airflow_provider_raydata.pickling import ship_by_value
+from airflow_provider_raydata.reporting import LOGGED_PATHS, describe, format_cleanup, format_report, listed
+from airflow_provider_raydata.run_context import (
+    check_incremental,
+    find_active_runs,
+    incremental_window,
+    interval_end,
+    previous_rows,
 )
 from airflow_provider_raydata.runtime.refs import task_prefix
-from airflow_provider_raydata.runtime.specs import validate_checks, validate_destination, validate_steps
+from airflow_provider_raydata.runtime.specs import validate_checks, validate_steps
+from airflow_provider_raydata.runtime.tuning import validate_tuning
 
 DatasetRefLike = dict[str, Any] | str
-log = logging.getLogger(__name__)
-DASHBOARD_XCOM_KEY = "ray_dashboard_url"
 
 
 class RayDashboardLink(BaseOperatorLink):
@@ -41,9 +58,24 @@ class RayDashboardLink(BaseOperatorLink):
     name = "Ray Dashboard"
 
     def get_link(self, operator: BaseOperator, *, ti_key) -> str:
-        from airflow.sdk.execution_time.xcom import XCom
+        from airflow.sdk.execution_time.xcom import XCom as XComModel
 
-        return XCom.get_value(ti_key=ti_key, key=DASHBOARD_XCOM_KEY) or ""
+        return XComModel.get_value(ti_key=ti_key, key=XCom.DASHBOARD_URL) or ""
+
+
+def produced_by(ti) -> ProducedBy:
+    return ProducedBy(dag_id=ti.dag_id, run_id=ti.run_id, task_id=ti.task_id, try_number=ti.try_number)
+
+
+def plain_input(value: Any, name: str = "input") -> dict[str, Any] | str:
+    """A reference as users pass it, decoded: a dict (XCom), a JSON string of one (a template) or a URI."""
+    if value is None or value == "":
+        raise AirflowException(f"No {name} dataset reference was given (or the upstream pushed none)")
+    return json.loads(value) if isinstance(value, str) and value.lstrip().startswith("{") else value
+
+
+def parse_input(value: Any, name: str = "input") -> DatasetRef:
+    return DatasetRef.parse(plain_input(value, name), name)
 
 
 class RayDataBaseOperator(BaseOperator):
@@ -58,7 +90,7 @@ class RayDataBaseOperator(BaseOperator):
     :param gcp_conn_id: a ``google_cloud_platform`` connection for gs:// paths.
     :param storage_options: explicit S3 settings (``endpoint_url``, ``region_name``, ...), merged
         over the raydata connection's ``storage_options`` and the aws/gcp connections.
-    :param tuning: overrides of the runtime's Ray Data settings (see ``runtime.runner``).
+    :param tuning: overrides of the runtime's Ray Data settings (``runtime.tuning``), checked at parse time.
     :param stage_timeout: seconds before the remote stage is cancelled and the task fails.
     """
 
@@ -90,34 +122,33 @@ class RayDataBaseOperator(BaseOperator):
         self.tuning = tuning
         self.connect_timeout = connect_timeout
         self.stage_timeout = stage_timeout
+        try:
+            validate_tuning(tuning)
+        except ValueError as exc:
+            raise ValueError(f"{self.task_id}: {exc}") from None
 
     @cached_property
     def hook(self) -> RayHook:
         return RayHook(raydata_conn_id=self.raydata_conn_id, connect_timeout=self.connect_timeout)
 
-    def stage_spec(self, context) -> dict[str, Any]:
+    def stage_fields(self, context) -> dict[str, Any]:
+        """This stage's own fields of its ``StageSpec`` (source, input, steps, checks, ...)."""
         raise NotImplementedError
 
     def execute(self, context) -> Any:
         ti = context["ti"]
-        identity = {
-            "dag_id": ti.dag_id,
-            "run_id": ti.run_id,
-            "task_id": ti.task_id,
-            "try_number": ti.try_number,
-        }
-        spec: dict[str, Any] = {
-            "stage": self.stage,
-            "name": f"{ti.dag_id}.{ti.task_id}",
-            **self.stage_spec(context),
-            "storage": self.storage(),
-            "tuning": self.tuning,
-            "produced_by": identity,
-        }
-        if self.writes_output:
-            spec["output_uri"] = task_prefix(self.resolve_staging_uri(), ti.dag_id, ti.run_id, ti.task_id)
-            spec["try_number"] = ti.try_number
-        ti.xcom_push(key=DASHBOARD_XCOM_KEY, value=self.hook.settings.dashboard_url or "")
+        spec = StageSpec(
+            stage=self.stage,
+            name=f"{ti.dag_id}.{ti.task_id}",
+            produced_by=produced_by(ti),
+            storage=self.storage(),
+            tuning=self.tuning or {},
+            output_uri=task_prefix(self.resolve_staging_uri(), ti.dag_id, ti.run_id, ti.task_id)
+            if self.writes_output
+            else None,
+            **self.stage_fields(context),
+        )
+        ti.xcom_push(key=XCom.DASHBOARD_URL, value=self.hook.settings.dashboard_url or "")
         self.log.info("Running %s stage on %s", self.stage, self.hook.settings.where)
         result = self.hook.run_stage(spec, timeout=self.stage_timeout)
         try:
@@ -129,23 +160,23 @@ class RayDataBaseOperator(BaseOperator):
                 self.log.warning("Could not roll back the load's transaction now: %s", exc)
             raise
 
-    def _finish_stage(self, context, result: dict[str, Any]) -> Any:
-        ti = context["ti"]
-        metrics = result["metrics"]
+    def _finish_stage(self, context, result: StageResult) -> Any:
+        metrics = result.metrics
         self.log.info(
             "%s stage: rows in %s, rows out %s, %.2fs on the cluster",
             self.stage,
-            "-" if metrics["rows_in"] is None else metrics["rows_in"],
-            metrics["rows_out"],
-            metrics["seconds"],
+            "-" if metrics.rows_in is None else metrics.rows_in,
+            metrics.rows_out,
+            metrics.seconds,
         )
-        ti.xcom_push(key="metrics", value=metrics)
+        context["ti"].xcom_push(key=XCom.METRICS, value=metrics.to_dict())
         return self.handle_result(context, result)
 
-    def handle_result(self, context, result: dict[str, Any]) -> Any:
-        if "ref" in result:
-            self.log.info("Committed %s", result["ref"]["uri"])
-        return result.get("ref")
+    def handle_result(self, context, result: StageResult) -> Any:
+        if result.ref is None:
+            return None
+        self.log.info("Committed %s", result.ref.uri)
+        return result.ref.to_dict()
 
     def storage(self) -> dict[str, Any]:
         """Object-store settings for the stage: raydata connection < aws/gcp connections < explicit."""
@@ -171,15 +202,6 @@ class RayDataBaseOperator(BaseOperator):
             )
         airflow_home = os.environ.get("AIRFLOW_HOME", os.path.expanduser("~/airflow"))
         return os.path.join(airflow_home, "raydata", "staging")
-
-    @staticmethod
-    def resolve_input(value: DatasetRefLike | None, name: str = "input") -> DatasetRefLike:
-        """A reference dict (from XCom), a JSON string of one (from a template), or a URI."""
-        if value is None or value == "":
-            raise AirflowException(f"No {name} dataset reference was given (or the upstream pushed none)")
-        if isinstance(value, str) and value.lstrip().startswith("{"):
-            return json.loads(value)
-        return value
 
 
 class RayDataExtractOperator(RayDataBaseOperator):
@@ -233,7 +255,7 @@ class RayDataExtractOperator(RayDataBaseOperator):
         if incremental and "{{" not in str(incremental.get("mode")):
             check_incremental(incremental, self.task_id)
 
-    def stage_spec(self, context) -> dict[str, Any]:
+    def stage_fields(self, context) -> dict[str, Any]:
         source = dict(self.source) if isinstance(self.source, dict) else {"kind": "files", "path": self.source}
         options = {"format": self.format, "columns": self.columns, "filter": self.filter, "cast": self.cast}
         source.update({k: v for k, v in options.items() if v is not None})
@@ -242,46 +264,8 @@ class RayDataExtractOperator(RayDataBaseOperator):
         return {"source": resolve_connection(source)}
 
     def window(self, context) -> dict[str, Any]:
-        """The incremental window ``[start, end)`` of this run, as ISO timestamps (None: open)."""
-        spec = self.incremental or {}
-        try:
-            check_incremental(spec, self.task_id)
-        except ValueError as exc:
-            raise AirflowFailException(str(exc)) from None
-        mode = spec.get("mode", "interval")
-        start, end = context.get("data_interval_start"), context.get("data_interval_end")
-        if mode == "interval" and (start is None or end is None):
-            if not spec.get("watermark"):
-                raise AirflowFailException(
-                    f"{self.task_id}: this run has no data interval (a manual run without a logical date); "
-                    "give it a logical date, or configure a 'watermark' to catch up from"
-                )
-            mode = "watermark"
-        elif mode == "interval" and start == end:
-            raise AirflowFailException(
-                f"{self.task_id}: the data interval is empty ({start} to {end}): Airflow 3 cron schedules such as "
-                "'@daily' have zero-length intervals; schedule with CronDataIntervalTimetable or a timedelta"
-            )
-        if mode == "watermark":
-            where = spec["watermark"]
-            start = postgres_watermark(where["postgres_conn_id"], where["table"], where.get("column", spec["column"]))
-            end = None
-        window = {
-            "column": spec["column"],
-            "start": start.isoformat() if start is not None else None,
-            "end": end.isoformat() if end is not None else None,
-            "partitioned": bool(spec.get("partitioned")),
-        }
-        self.log.info("Incremental (%s): %s from %s to %s", mode, window["column"], window["start"], window["end"])
-        return window
-
-
-def check_incremental(spec: dict[str, Any], task_id: str) -> None:
-    mode = spec.get("mode", "interval")
-    if mode not in ("interval", "watermark") or not spec.get("column"):
-        raise ValueError(f"{task_id}: incremental needs a 'column' and mode 'interval' or 'watermark' (got {mode!r})")
-    if mode == "watermark" and not spec.get("watermark"):
-        raise ValueError(f"{task_id}: incremental mode 'watermark' needs 'watermark' (where it is read)")
+        """The incremental window ``[start, end)`` of this run (``run_context.incremental_window``)."""
+        return incremental_window(self.incremental or {}, context, self.task_id)
 
 
 class RayDataTransformOperator(RayDataBaseOperator):
@@ -334,14 +318,14 @@ class RayDataTransformOperator(RayDataBaseOperator):
         head = {"op": "map_batches", "fn": self.fn, "fn_kwargs": fn_kwargs or None, **self.map_options}
         return [{k: v for k, v in head.items() if v is not None}, *steps]
 
-    def stage_spec(self, context) -> dict[str, Any]:
+    def stage_fields(self, context) -> dict[str, Any]:
         steps = self.all_steps(self.steps, self.fn_kwargs)
         for step in steps:
             if step["op"] == "map_batches":
                 ship_by_value(step["fn"])
             if step["op"] == "join":
-                step["right"] = self.resolve_input(step["right"], "join 'right'")
-        return {"input": self.resolve_input(self.input), "steps": steps}
+                step["right"] = parse_input(step["right"], "join 'right'")
+        return {"input": parse_input(self.input), "steps": tuple(steps)}
 
 
 class RayDataQualityOperator(RayDataBaseOperator):
@@ -378,14 +362,18 @@ class RayDataQualityOperator(RayDataBaseOperator):
             raise ValueError(f"{self.task_id}: score_threshold must be between 0 and 1")
         validate_checks(checks, input.get("schema") if isinstance(input, dict) else None)
 
-    def stage_spec(self, context) -> dict[str, Any]:
-        source = self.resolve_input(self.input)
+    def stage_fields(self, context) -> dict[str, Any]:
+        source = plain_input(self.input)
         checks = [self.prepare_check(check, context) for check in self.checks]
         try:  # after rendering, against the input's schema: before anything reaches the cluster
             validate_checks(checks, source.get("schema") if isinstance(source, dict) else None)
         except ValueError as exc:
             raise AirflowFailException(f"{self.task_id}: {exc}") from None
-        return {"input": source, "checks": checks, "score_threshold": self.score_threshold}
+        return {
+            "input": DatasetRef.parse(source),
+            "checks": tuple(checks),
+            "score_threshold": self.score_threshold,
+        }
 
     def prepare_check(self, check: dict[str, Any], context) -> dict[str, Any]:
         check = dict(check)
@@ -394,15 +382,15 @@ class RayDataQualityOperator(RayDataBaseOperator):
         elif check.get("check") == "row_count_change" and "previous_rows" not in check:
             check["previous_rows"] = previous_rows(context["ti"])
         elif check.get("check") == "referential_integrity":
-            check["ref"] = self.resolve_input(check.get("ref"), "referential_integrity 'ref'")
+            check["ref"] = plain_input(check.get("ref"), "referential_integrity 'ref'")
         elif check.get("check") == "custom" and "fn" in check:
             ship_by_value(check["fn"])
         return check
 
-    def handle_result(self, context, result: dict[str, Any]) -> Any:
-        report, ti = result["report"], context["ti"]
-        ti.xcom_push(key="quality_report", value=report)
-        ti.xcom_push(key="quarantine", value=result["quarantine"])
+    def handle_result(self, context, result: StageResult) -> Any:
+        report, ti = result.report, context["ti"]
+        ti.xcom_push(key=XCom.QUALITY_REPORT, value=report)
+        ti.xcom_push(key=XCom.QUARANTINE, value=result.quarantine.to_dict())
         self.log.info("Quality report:\n%s", format_report(report))
         for check in report["checks"]:
             if not check["passed"] and check["policy"] == "warn":
@@ -411,24 +399,7 @@ class RayDataQualityOperator(RayDataBaseOperator):
         if failed:
             details = "; ".join(f"{c['name']}: {describe(c)}" for c in failed)
             raise AirflowFailException(f"{len(failed)} of {len(report['checks'])} quality checks failed: {details}")
-        return result["ref"]
-
-
-def interval_end(context) -> str:
-    """The time freshness is measured against: the data interval's end, else the run's run_after."""
-    end = context.get("data_interval_end") or getattr(context.get("dag_run"), "run_after", None)
-    return (end or datetime.now(UTC)).isoformat()
-
-
-def previous_rows(ti) -> int | None:
-    """Rows in at this task's previous successful run (from its ``quality_report`` XCom)."""
-    previous = ti.get_previous_ti(state=TaskInstanceState.SUCCESS)
-    report = None
-    if previous is not None:
-        report = ti.xcom_pull(task_ids=ti.task_id, key="quality_report", run_id=previous.run_id)
-    rows = report.get("rows_in") if isinstance(report, dict) else None
-    log.info("Previous successful run of %s: %s, rows in: %s", ti.task_id, previous and previous.run_id, rows)
-    return rows
+        return result.ref.to_dict()
 
 
 class RayDataLoadOperator(RayDataBaseOperator):
@@ -474,21 +445,14 @@ class RayDataLoadOperator(RayDataBaseOperator):
         self.mode = mode
         self.partition_by = partition_by
         self.keys = keys
-        try:
-            validate_destination(self.destination_spec())
-        except ValueError as exc:
-            raise ValueError(f"{self.task_id}: {exc}") from None
+        self.destination_spec()  # checked at parse time (templated values again once rendered)
 
-    def destination_spec(self) -> dict[str, Any]:
-        if isinstance(self.destination, dict):
-            destination = dict(self.destination)
-        else:
-            destination = {"kind": "parquet", "path": self.destination}
-        destination.setdefault("mode", self.mode)
-        for key, value in (("partition_by", self.partition_by), ("keys", self.keys)):
-            if value:
-                destination.setdefault(key, value)
-        return destination
+    def destination_spec(self) -> Destination:
+        """The destination as declared (``contracts.Destination``); a problem names this task."""
+        try:
+            return Destination.from_user(self.destination, self.mode, self.keys, self.partition_by)
+        except DataError as exc:
+            raise DataError(f"{self.task_id}: {exc}") from None
 
     @staticmethod
     def load_id(ti) -> str:
@@ -496,57 +460,67 @@ class RayDataLoadOperator(RayDataBaseOperator):
         return hashlib.sha1(f"{ti.dag_id}\n{ti.run_id}\n{ti.task_id}".encode()).hexdigest()[:16]
 
     def execute(self, context) -> Any:
-        destination = self.destination_spec()
-        if destination.get("kind") != "bigquery":
+        try:
+            destination = self.destination_spec()
+        except DataError as exc:
+            raise AirflowFailException(str(exc)) from None
+        if destination.kind != "bigquery":
             return super().execute(context)
         # BigQuery load jobs read the gs:// Parquet handoff themselves: no Ray stage is needed.
         ti = context["ti"]
-        ref = self.resolve_input(self.input)
-        load = load_bigquery(ref, destination, self.load_id(ti))
-        rows_in = ref.get("num_rows") if isinstance(ref, dict) else None
-        metrics = {"rows_in": rows_in, "rows_out": load["rows_written"], "seconds": load["seconds"]}
-        ti.xcom_push(key="metrics", value=metrics)
-        return self.handle_result(context, {"load": load})
+        ref = parse_input(self.input)
+        with self.data_errors_fail(destination):
+            load = load_bigquery(ref, destination, self.load_id(ti))
+        ti.xcom_push(
+            key=XCom.METRICS, value={"rows_in": ref.num_rows, "rows_out": load.rows_written, "seconds": load.seconds}
+        )
+        return self.loaded(load)
 
-    def stage_spec(self, context) -> dict[str, Any]:
-        destination = resolve_connection(self.destination_spec())
-        load_id = self.load_id(context["ti"])
-        return {"input": self.resolve_input(self.input), "destination": destination, "load_id": load_id}
+    def stage_fields(self, context) -> dict[str, Any]:
+        destination = resolve_destination(self.destination_spec())
+        return {"input": parse_input(self.input), "destination": destination, "load_id": self.load_id(context["ti"])}
 
-    def handle_result(self, context, result: dict[str, Any]) -> Any:
-        if result.get("awaiting_commit"):  # PostgreSQL: published on the cluster, committed now
+    def handle_result(self, context, result: StageResult) -> Any:
+        if result.held:  # PostgreSQL: published on the cluster, committed now
             self.hook.commit_stage()
-            load = result["load"]
-        else:  # Snowflake: staged on the cluster, published here in one transaction
-            try:
-                load = publish_load(self.destination_spec(), result["load"])
-            except ValueError as exc:  # the data cannot be published as asked: a retry would not help
-                raise AirflowFailException(f"{self.task_id}: {exc}") from exc
-        if load.get("skipped"):
+            load = result.load
+        elif result.staged is not None:  # Snowflake: staged on the cluster, published here in one transaction
+            destination = self.destination_spec()
+            with self.data_errors_fail(destination):
+                load = publish_snowflake(destination.default_conn_id, result.staged)
+        else:
+            load = result.load
+        return self.loaded(load)
+
+    def data_errors_fail(self, destination: Destination):
+        """Publishing on the worker: a data error (``contracts.is_data_error``) fails the task
+        without retries; anything else is retried."""
+        return _DataErrorsFail(f"{self.task_id}: loading into {destination.table or destination.path}")
+
+    def loaded(self, load: LoadResult) -> dict[str, Any]:
+        if load.skipped:
             self.log.warning(
                 "This run's append to %s was already published by an earlier try: nothing appended twice",
-                load["destination"],
+                load.destination,
             )
+        partitions = listed(load.partitions)
         self.log.info(
-            "Loaded %s rows into %s (%s; partitions: %s)",
-            load["rows_written"],
-            load["destination"],
-            load["mode"],
-            _listed(load.get("partitions") or []),
+            "Loaded %s rows into %s (%s; partitions: %s)", load.rows_written, load.destination, load.mode, partitions
         )
-        return load
+        return load.to_dict()
 
 
-def _listed(names: list[str], most: int = 10) -> str:
-    """A list for the task log: a bulk load may replace thousands of partitions."""
-    if len(names) <= most:
-        return ", ".join(names) or "-"
-    return f"{len(names)}: {', '.join(names[: most // 2])}, ..., {', '.join(names[-most // 2 :])}"
+class _DataErrorsFail:
+    def __init__(self, what: str) -> None:
+        self.what = what
 
+    def __enter__(self) -> None:
+        return None
 
-ACTIVE_STATES = ["queued", "running"]
-RUN_ID_BATCH = 50  # run ids per count request: they travel in the API call's query string
-LOGGED_PATHS = 50  # paths listed in the task log (and in the returned summary: 2x)
+    def __exit__(self, kind, exc, traceback) -> bool:
+        if exc is not None and not isinstance(exc, AirflowException) and is_data_error(exc):
+            raise AirflowFailException(f"{self.what}: {exc}") from exc
+        return False
 
 
 class RayDataStagingCleanupOperator(RayDataBaseOperator):
@@ -611,35 +585,35 @@ class RayDataStagingCleanupOperator(RayDataBaseOperator):
             except Exception as exc:
                 self.log.exception("Sweeping PostgreSQL staging tables through %s failed", conn_id)
                 errors.append(f"PostgreSQL {conn_id}: {type(exc).__name__}: {exc}")
-        spec = {
-            "stage": self.stage,
-            "name": f"{ti.dag_id}.{ti.task_id}",
-            "staging_uri": self.resolve_staging_uri(),
-            "lake_paths": self.lake_paths,
-            "older_than_days": days,
-            "storage": self.storage(),
-            "tuning": self.tuning,
-            "produced_by": {
-                "dag_id": ti.dag_id,
-                "run_id": ti.run_id,
-                "task_id": ti.task_id,
-                "try_number": ti.try_number,
-            },
-        }
-        ti.xcom_push(key=DASHBOARD_XCOM_KEY, value=self.hook.settings.dashboard_url or "")
+        request = CleanupRequest(
+            staging_uri=self.resolve_staging_uri(), older_than_days=days, lake_paths=tuple(self.lake_paths)
+        )
+        spec = StageSpec(
+            stage=self.stage,
+            name=f"{ti.dag_id}.{ti.task_id}",
+            produced_by=produced_by(ti),
+            storage=self.storage(),
+            tuning=self.tuning or {},
+            cleanup=request,
+        )
+        ti.xcom_push(key=XCom.DASHBOARD_URL, value=self.hook.settings.dashboard_url or "")
         self.log.info("Listing staging older than %s days on %s", days, self.hook.settings.where)
-        listed = self.hook.run_stage({**spec, "dry_run": True}, timeout=self.stage_timeout)
-        summary, seconds = listed["cleanup"], listed["metrics"]["seconds"]
+        listed_runs = self.hook.run_stage(spec, timeout=self.stage_timeout)
+        summary, seconds = listed_runs.cleanup, listed_runs.metrics.seconds
         candidates = [entry for entry in summary["removed"] if entry["kind"] == "run"]
         active = find_active_runs(candidates, ti.get_dr_count)
         if summary["removed"]:
-            spec.update(
-                dry_run=dry_run, active_runs=active, now=summary["now"], candidates=[c["run"] for c in candidates]
+            removal = replace(
+                request,
+                dry_run=dry_run,
+                active_runs=tuple(tuple(run) for run in active),
+                now=summary["now"],
+                candidates=tuple(c["run"] for c in candidates),
             )
-            cleaned = self.hook.run_stage(spec, timeout=self.stage_timeout)
-            summary, seconds = cleaned["cleanup"], seconds + cleaned["metrics"]["seconds"]
+            cleaned = self.hook.run_stage(replace(spec, cleanup=removal), timeout=self.stage_timeout)
+            summary, seconds = cleaned.cleanup, seconds + cleaned.metrics.seconds
         self.log.info("%s", format_cleanup(summary, tables))
-        ti.xcom_push(key="metrics", value={"rows_in": None, "rows_out": None, "seconds": round(seconds, 3)})
+        ti.xcom_push(key=XCom.METRICS, value=Metrics(None, None, round(seconds, 3)).to_dict())
         errors += [f"{e['path']}: {e['error']}" for e in summary["errors"]]
         if errors:
             raise AirflowException(f"Staging cleanup: {len(errors)} errors: " + "; ".join(errors[:10]))
@@ -650,98 +624,3 @@ class RayDataStagingCleanupOperator(RayDataBaseOperator):
             "kept": summary["kept"][:limit],
             "postgres_tables_dropped": tables,
         }
-
-
-def find_active_runs(candidates: list[dict[str, Any]], count_runs: Callable[..., int]) -> list[list[str]]:
-    """``[dag_id, run_id]`` of the candidate runs (``clean_staging`` run entries) that are queued
-    or running; ``count_runs``: the Task SDK's ``get_dr_count``."""
-    by_dag: dict[str, list[dict[str, Any]]] = {}
-    for candidate in candidates:
-        by_dag.setdefault(candidate["dag_id"], []).append(candidate)
-    active: list[list[str]] = []
-    for dag_id, runs in sorted(by_dag.items()):
-        if not count_runs(dag_id=dag_id, states=ACTIVE_STATES):
-            continue  # the usual case: one request clears all of a DAG's old runs
-        known = sorted({run["run_id"] for run in runs if run["run_id"]})
-        for start in range(0, len(known), RUN_ID_BATCH):
-            batch = known[start : start + RUN_ID_BATCH]
-            if count_runs(dag_id=dag_id, run_ids=batch, states=ACTIVE_STATES):
-                active += [[dag_id, r] for r in batch if count_runs(dag_id=dag_id, run_ids=[r], states=ACTIVE_STATES)]
-        # Nothing committed: no real run id to ask about. Keep it while the DAG has active runs.
-        active += [[dag_id, run["run"].split("/")[1]] for run in runs if not run["run_id"]]
-    return active
-
-
-def format_cleanup(summary: dict[str, Any], tables: dict[str, list[str]]) -> str:
-    """The cleanup summary for the task log."""
-    verb = "Would remove" if summary["dry_run"] else "Removed"
-    counts = summary.get("counts") or {}
-    active = [e for e in summary["kept"] if e.get("reason") == "active"]
-    lines = [
-        f"Staging retention on {summary['staging_uri']} (older than {summary['older_than_days']} days, before "
-        f"{summary['cutoff']}): {verb.lower()} {counts.get('run', 0)} runs, {counts.get('attempt', 0)} "
-        f"uncommitted attempts, {counts.get('lake_staging', 0)} lake staging directories "
-        f"({summary['files_removed']} files, {summary['bytes_removed'] / 1e6:.1f} MB); kept {len(active)} old "
-        f"runs that are active, {len(summary['kept']) - len(active)} other old runs, "
-        f"{summary['recent_runs']} recent runs",
-    ]
-    lines += [
-        f"  {verb} {e['kind']} {e['path']} (newest file {e['newest']})" for e in summary["removed"][:LOGGED_PATHS]
-    ]
-    lines += [f"  Kept {e['path']}: {e['reason']}" for e in summary["kept"][:LOGGED_PATHS]]
-    for conn_id, names in tables.items():
-        lines.append(
-            f"PostgreSQL {conn_id}: {'would drop' if summary['dry_run'] else 'dropped'} {len(names)} "
-            f"orphaned staging tables{': ' + ', '.join(names) if names else ''}"
-        )
-    return "\n".join(lines)
-
-
-def format_report(report: dict[str, Any]) -> str:
-    """The report as a table for the task log."""
-    rows = [("check", "value", "expected", "policy", "result")]
-    for c in report["checks"]:
-        value = f"{c['value']:.6g}" if isinstance(c["value"], float) else str(c["value"])
-        if c.get("failed_rows"):
-            value += f" ({c['failed_rows']} of {c['evaluated_rows']} rows failed)"
-        result = "PASS" if c["passed"] else ("FAIL" if c.get("policy", "fail") == "fail" else "WARN")
-        rows.append((_cell(c["name"]), _cell(value), _cell(c["expected"]), c.get("policy", "fail"), result))
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-    if "rows_in" in report:
-        lines.append(
-            f"rows in {report['rows_in']} = passed {report['rows_passed']} + quarantined "
-            f"{report['rows_quarantined']}; quality score {report['score']:.4f}"
-        )
-    return "\n".join(lines)
-
-
-def _cell(text: str, width: int = 70) -> str:
-    return text if len(text) <= width else text[: width - 3] + "..."
-
-
-def describe(check: dict[str, Any]) -> str:
-    text = f"got {check['value']}, expected {check['expected']}"
-    if check.get("examples"):
-        text += f" (e.g. {check['examples']})"
-    return text
-
-
-def ship_by_value(fn: Callable | str) -> None:
-    """Pickle the code of a user function's module by value, unless it is an installed package.
-
-    Functions defined in a DAG file or a project folder live in modules the cluster cannot
-    import (Airflow even loads DAG files under generated names); installed packages are
-    expected on the cluster too and stay pickled by reference.
-    """
-    if isinstance(fn, str):
-        return
-    module = inspect.getmodule(fn)
-    path = getattr(module, "__file__", None)
-    if module is None or path is None:
-        return
-    installed = ("site-packages", "dist-packages", os.path.dirname(os.__file__))
-    if not any(marker in path for marker in installed):
-        from ray import cloudpickle
-
-        cloudpickle.register_pickle_by_value(module)

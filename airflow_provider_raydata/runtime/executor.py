@@ -9,6 +9,8 @@ from typing import Any
 
 import ray
 
+from ..contracts import StageResult, StageSpec
+
 # How long a load published in an open transaction waits for its Airflow task to commit it; then
 # its process is ended and PostgreSQL rolls it back (the task died or lost the cluster).
 COMMIT_WAIT_SECONDS = 120
@@ -23,15 +25,15 @@ class StageProcess:
     def __init__(self) -> None:
         from . import runner  # noqa: F401 - imports Ray Data, pandas and pyarrow now, not in the stage
 
-    def run(self, spec: dict[str, Any]) -> dict[str, Any]:
+    def run(self, spec: StageSpec) -> StageResult:
         from .runner import run_stage
 
         return run_stage(spec)
 
-    def finish(self, stage_id: str, commit: bool) -> None:
-        from .runner import finish_stage
+    def end_held_load(self, stage_id: str, commit: bool) -> None:
+        from .runner import commit_held_load
 
-        finish_stage(stage_id, commit)
+        commit_held_load(stage_id, commit)
 
 
 # commit and cancel have threads of their own: 16 long-running stages must not hold them up.
@@ -59,18 +61,18 @@ class StageExecutor:
         # stage_id -> (identity, process, timer): a load awaiting its task's commit
         self.held: dict[str, tuple[tuple, Any, threading.Timer]] = {}
 
-    def run(self, spec: dict[str, Any]) -> dict[str, Any]:
-        stage_id, identity = spec["stage_id"], _identity(spec)
+    def run(self, spec: StageSpec) -> StageResult:
+        stage_id, identity = spec.stage_id, spec.produced_by.task
         with self.lock:
             entries = [*self.running.items(), *self.held.items()]
-            older = [sid for sid, entry in entries if identity and entry[0] == identity]
+            older = [sid for sid, entry in entries if any(identity) and entry[0] == identity]
             process = self.idle.pop() if self.idle else StageProcess.remote()
         for sid in older:
             self.cancel(sid)
-        ref = process.run.options(name=spec.get("name") or "raydata-stage").remote(spec)
+        ref = process.run.options(name=spec.name or "raydata-stage").remote(spec)
         with self.lock:
             self.running[stage_id] = (identity, process, ref)
-        result: dict[str, Any] | None = None
+        result: StageResult | None = None
         try:
             result = ray.get(ref)
             return result
@@ -78,7 +80,7 @@ class StageExecutor:
             with self.lock:
                 cancelled = self.running.pop(stage_id, None) is None
                 if result is not None and not cancelled:
-                    if result.get("awaiting_commit"):
+                    if result.held:
                         timer = threading.Timer(COMMIT_WAIT_SECONDS, self.cancel, [stage_id])
                         timer.daemon = True
                         self.held[stage_id] = (identity, process, timer)
@@ -99,7 +101,7 @@ class StageExecutor:
         _, process, timer = entry
         timer.cancel()
         try:
-            ray.get(process.finish.remote(stage_id, commit))
+            ray.get(process.end_held_load.remote(stage_id, commit))
         except BaseException:
             ray.kill(process)
             raise
@@ -128,8 +130,3 @@ class StageExecutor:
 
     def pid(self) -> int:
         return os.getpid()
-
-
-def _identity(spec: dict[str, Any]) -> tuple:
-    produced_by = spec.get("produced_by") or {}
-    return tuple(produced_by.get(key) for key in ("dag_id", "run_id", "task_id")) if produced_by else ()

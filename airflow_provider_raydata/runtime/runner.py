@@ -21,21 +21,7 @@ from .quality import run_quality
 from .retention import clean_staging
 from .sources import read_ref, read_source
 from .transforms import apply_steps
-
-DEFAULT_TUNING = {
-    # Each read_parquet otherwise starts 32 footer-reading actors: seconds of fixed cost per read.
-    "parquet_footer_actors": 1,
-    # Sort-based shuffles run as tasks; the hash shuffle starts aggregator actors (seconds each time).
-    "shuffle_strategy": "sort_shuffle_pull_based",
-    # Plain numpy-backed pandas batches: with pandas 3 Arrow-backed batches simple arithmetic
-    # such as ``df["id"] % 10`` raises NotImplementedError.
-    "arrow_backed_pandas": False,
-    "min_rows_per_file": 1_000_000,
-    # The V2 Parquet reader starts footer-reading actors on every read: 3-7 s per read measured
-    # here against 0.2 s for the V1 reader on small inputs.
-    "parquet_reader_v2": False,
-}
-
+from .tuning import DEFAULT_TUNING
 
 # Loads published in a transaction still open, by stage id: their Airflow task commits them once
 # it holds the result (a task killed before that publishes nothing). Values: commit(True/False).

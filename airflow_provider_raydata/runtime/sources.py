@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray.data
 
+from ..contracts import DatasetRef
 from . import refs
 from .expressions import columns_in, compile_expression
 from .storage import expand, filesystem_for
@@ -160,10 +161,10 @@ def shape_batch(
     return table
 
 
-def read_ref(ref: dict[str, Any] | str, storage: dict | None) -> tuple[ray.data.Dataset, dict]:
-    """Read a committed dataset reference (checks its ``_SUCCESS`` marker first)."""
+def read_ref(ref: DatasetRef, storage: dict | None) -> tuple[ray.data.Dataset, DatasetRef]:
+    """Read a committed dataset (checks its ``_SUCCESS`` marker first); return it and its reference."""
     meta = refs.resolve(ref, storage)
-    fs, path = filesystem_for(meta["uri"], storage)
+    fs, path = filesystem_for(meta.uri, storage)
     return ray.data.read_parquet(path, filesystem=fs, partitioning=None), meta
 
 
@@ -175,19 +176,19 @@ def _infer_format(path: str) -> str:
 
 
 def read_postgres(source: dict[str, Any], storage: dict | None) -> ray.data.Dataset:
-    from .postgres import read_postgres as read  # psycopg is an optional extra
+    from .postgres.read import read_postgres as read  # psycopg is an optional extra
 
     return read(source, storage)
 
 
 def read_snowflake(source: dict[str, Any], storage: dict | None) -> ray.data.Dataset:
-    from .snowflake import read_snowflake as read  # the Snowflake connector is an optional extra
+    from .snowflake.read import read_snowflake as read  # the Snowflake connector is an optional extra
 
     return read(source, storage)
 
 
 def read_bigquery(source: dict[str, Any], storage: dict | None) -> ray.data.Dataset:
-    from .bigquery import read_bigquery as read  # google-cloud-bigquery is an optional extra
+    from .bigquery.read import read_bigquery as read  # google-cloud-bigquery is an optional extra
 
     return read(source, storage)
 

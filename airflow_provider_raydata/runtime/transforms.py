@@ -21,6 +21,7 @@ import ray
 import ray.data
 from ray.data.aggregate import Count, CountDistinct, Max, Mean, Min, Sum
 
+from ..contracts import DatasetRef
 from .expressions import compile_expression
 from .sources import read_ref
 from .specs import (
@@ -128,14 +129,14 @@ def keep_one_row(group: pa.Table, order_by: str | None, keep: str | None) -> pa.
 
 
 def _join(ds, step, columns, where, storage, rows_hint=None):
-    right, meta = read_ref(step["right"], storage)
+    right, meta = read_ref(DatasetRef.parse(step["right"], f"{where} 'right'"), storage)
     on = list(step["on"])
     right_on = list(step.get("right_on") or on)
     how = step.get("how", "inner")
-    right_columns = list(meta.get("schema") or right.schema().names)
+    right_columns = list(meta.schema or right.schema().names)
     if columns is not None:
         check_columns(on, columns, where)
-    check_columns(right_on, right_columns, f"{where}, right side {meta['uri']}")
+    check_columns(right_on, right_columns, f"{where}, right side {meta.uri}")
     collide = columns is not None and bool((set(columns) - set(on)) & (set(right_columns) - set(right_on)))
     suffix = "_right" if collide or columns is None else None
     out_columns = None
@@ -144,7 +145,7 @@ def _join(ds, step, columns, where, storage, rows_hint=None):
         out_columns = columns + [f"{c}_right" if suffix and c in columns else c for c in extra]
     broadcast = step.get("broadcast")
     if broadcast is None:
-        broadcast = how in ARROW_JOIN_TYPES and meta.get("size_bytes", math.inf) <= BROADCAST_JOIN_MAX_BYTES
+        broadcast = how in ARROW_JOIN_TYPES and (meta.size_bytes or math.inf) <= BROADCAST_JOIN_MAX_BYTES
     if broadcast:
         if how not in ARROW_JOIN_TYPES:
             raise ValueError(f"{where}: a broadcast join supports only inner and left joins, not {how!r}")

@@ -13,7 +13,6 @@ from ...contracts import BigQueryPlan, DataError, DatasetRef, Destination, LoadR
 from ..upsert import merge_statement, repeated_key_query
 from .common import STAGING_PREFIX, quote, quoted_table, table_parts
 
-
 _PARTITION = {4: "YEAR", 6: "MONTH", 8: "DAY", 10: "HOUR"}
 
 
@@ -75,9 +74,7 @@ def load_plan(ref: DatasetRef, destination: Destination, load_id: str, default_p
         staging = f"{STAGING_PREFIX}{load_id}"  # the same name on a retry: WRITE_TRUNCATE replaces it
         target = {"projectId": project, "datasetId": dataset, "tableId": staging}
         extra["staging_table"] = f"{project}.{dataset}.{staging}"
-        extra["merge_script"] = merge_script(
-            (project, dataset, table), (project, dataset, staging), columns, destination
-        )
+        extra["merge_script"] = merge_script((project, dataset, table), (project, dataset, staging), columns, rule)
     if mode == "append":  # the job id is the ledger: one successful append per (run, task, table)
         digest = hashlib.sha1(f"{load_id}\n{project}.{dataset}.{table}".encode()).hexdigest()[:16]
         extra["job_id_prefix"] = f"raydata_append_{digest}"
