@@ -26,9 +26,10 @@ Imports neither Airflow nor Ray nor pyarrow: the parser, the worker and the clus
 from __future__ import annotations
 
 import json
+import types
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, Literal
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 
 class XCom:
@@ -38,6 +39,37 @@ class XCom:
     QUALITY_REPORT = "quality_report"
     QUARANTINE = "quarantine"
     DASHBOARD_URL = "ray_dashboard_url"
+
+
+# --- plain data at the edges (XCom, JSON) ------------------------------------------------------
+
+
+def to_plain(value: Any) -> Any:
+    """A declared value as JSON-friendly dicts and lists (tuples become lists)."""
+    return json.loads(json.dumps(asdict(value), default=str)) if is_dataclass(value) else value
+
+
+def from_plain(cls: type, data: Mapping[str, Any]) -> Any:
+    """The inverse of ``to_plain`` for a declared class: nested declared values are rebuilt from
+    their field types; an unknown field fails, naming it."""
+    hints = get_type_hints(cls)
+    unknown = sorted(set(data) - {f.name for f in fields(cls)})
+    if unknown:
+        raise DataError(f"Unknown field(s) {unknown} for {cls.__name__}")
+    return cls(**{name: _decode(hints[name], value) for name, value in data.items()})
+
+
+def _decode(hint: Any, value: Any) -> Any:
+    if value is None:
+        return None
+    if get_origin(hint) in (Union, types.UnionType):  # X | None
+        hint = next(arg for arg in get_args(hint) if arg is not type(None))
+    if is_dataclass(hint) and isinstance(value, Mapping):
+        return from_plain(hint, value)
+    if get_origin(hint) is tuple:
+        inner = get_args(hint)[0] if get_args(hint) else Any
+        return tuple(_decode(inner, item) for item in value)
+    return value
 
 
 # --- failures: retried or not ----------------------------------------------------------------

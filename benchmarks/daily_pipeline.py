@@ -164,7 +164,7 @@ def pq_rows(path) -> int:
 def run_handwritten(head: RayHead, source: Path, work: Path, tuned: bool) -> dict:
     import ray
 
-    from airflow_provider_raydata.operators.raydata import ship_by_value
+    from airflow_provider_raydata.pickling import ship_by_value
 
     ship_by_value(handwritten)
     started = time.perf_counter()

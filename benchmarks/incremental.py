@@ -59,7 +59,7 @@ import pyarrow.fs as pafs  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from airflow_provider_raydata.operators import RayDataExtractOperator, RayDataLoadOperator  # noqa: E402
-from airflow_provider_raydata.runtime.postgres import LEDGER, pg_type  # noqa: E402
+from airflow_provider_raydata.runtime.postgres.common import LEDGER, pg_type  # noqa: E402
 from airflow_provider_raydata.runtime.sources import in_window_partitions  # noqa: E402
 from airflow_provider_raydata.runtime.storage import expand  # noqa: E402
 from tests.helpers import FakeTaskInstance, run_operator  # noqa: E402

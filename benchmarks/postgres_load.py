@@ -41,8 +41,9 @@ import pyarrow.csv as pacsv  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from airflow_provider_raydata.operators import RayDataLoadOperator  # noqa: E402
+from airflow_provider_raydata.contracts import ProducedBy  # noqa: E402
 from airflow_provider_raydata.runtime import refs  # noqa: E402
-from airflow_provider_raydata.runtime.postgres import pg_type  # noqa: E402
+from airflow_provider_raydata.runtime.postgres.common import pg_type  # noqa: E402
 from tests.helpers import run_operator  # noqa: E402
 from tests.services import BIN, PostgresServer, RayHead  # noqa: E402
 
@@ -68,7 +69,7 @@ def prepare(data: Path, scale: float) -> tuple[dict, Path, pa.Schema]:
         pq.write_table(table.slice(start, 1_000_000), f"{attempt}/part-{index}.parquet")
     csv_path = data / f"lineitem-sf{scale:g}.csv"
     pacsv.write_csv(table, csv_path, pacsv.WriteOptions(include_header=False))
-    return refs.commit(attempt, None, {}), csv_path, table.schema
+    return refs.commit(attempt, None, ProducedBy()).to_dict(), csv_path, table.schema
 
 
 def create_table(conn, name: str, schema: pa.Schema, primary_key: bool = False) -> None:

@@ -86,7 +86,7 @@ def generate(data: Path, scale: float, files: int = 8) -> dict:
         writer.write_table(pa.Table.from_batches([batch]).cast(schema))
         written += batch.num_rows
     writer.close()
-    return refs.commit(attempt, None, {"benchmark": "quality_checks"})
+    return refs.commit(attempt, None, ProducedBy(dag_id="benchmark", task_id="quality_checks")).to_dict()
 
 
 def full_scan(uri: str, columns: list[str]) -> dict:

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
+from .check_kinds import CHECKS, ROW, SCHEMA, CheckKind
 from .expressions import columns_in
 from .types import arrow_type, type_class
 
@@ -79,52 +79,14 @@ def validate_steps(steps: list[dict[str, Any]]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Data-quality checks (see runtime.checks for how they run)
+# Data-quality checks (each kind's fields and behaviour: runtime.check_kinds; how they run:
+# runtime.checks). Here: the parse-time validation every kind shares.
 
 COMPARATORS = {"equal_to": "=", "greater_than": ">", "geq_to": ">=", "less_than": "<", "leq_to": "<="}
 POLICIES = ("fail", "warn")
-ROW, TABLE, SCHEMA = "row", "table", "schema"
+COMMON_FIELDS = ("check", "name", "policy", "where", "tolerance", *COMPARATORS)
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(s|m|h|d)")
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-@dataclass(frozen=True)
-class CheckKind:
-    """``level``: ``row`` checks pass or fail each row (failing rows are quarantined); ``table``
-    checks measure one value over the data; ``schema`` compares the columns and their types.
-    ``measures``: what the comparators compare, which decides the values they accept."""
-
-    level: str
-    measures: str | None
-    required: tuple[str, ...] = ()
-    optional: tuple[str, ...] = ()
-    default: dict[str, Any] | None = None  # the expectation when no comparator is given
-    column_types: tuple[str, ...] = ()  # type classes the checked column must have (types.type_class)
-
-
-CHECKS: dict[str, CheckKind] = {
-    "row_count": CheckKind(TABLE, "count", optional=("min", "max")),
-    "row_count_change": CheckKind(TABLE, "ratio", optional=("previous_rows",)),
-    "null_count": CheckKind(TABLE, "count", ("column",), default={"equal_to": 0}),
-    "null_fraction": CheckKind(TABLE, "fraction", ("column",), default={"equal_to": 0}),
-    "distinct_count": CheckKind(TABLE, "count", ("column",)),
-    "unique": CheckKind(TABLE, "count", optional=("column", "columns"), default={"equal_to": 0}),
-    "min": CheckKind(TABLE, "value", ("column",), column_types=("number", "time", "string")),
-    "max": CheckKind(TABLE, "value", ("column",), column_types=("number", "time", "string")),
-    "mean": CheckKind(TABLE, "number", ("column",), column_types=("number",)),
-    "sum": CheckKind(TABLE, "number", ("column",), column_types=("number",)),
-    "freshness": CheckKind(TABLE, "seconds", ("column",), ("as_of",), column_types=("time",)),
-    "schema": CheckKind(SCHEMA, None, ("columns",), ("allow_extra",)),
-    "not_null": CheckKind(ROW, "fraction", ("column",)),
-    "accepted_values": CheckKind(ROW, "fraction", ("column", "values")),
-    "regex": CheckKind(ROW, "fraction", ("column", "pattern"), column_types=("string",)),
-    "range": CheckKind(ROW, "fraction", ("column",), ("min", "max"), column_types=("number", "time", "string")),
-    "string_length": CheckKind(ROW, "fraction", ("column",), ("min", "max"), column_types=("string",)),
-    "predicate": CheckKind(ROW, "fraction", ("expr",)),
-    "custom": CheckKind(ROW, "fraction", ("fn",), ("columns", "batch_format", "fn_kwargs")),
-    "referential_integrity": CheckKind(ROW, "fraction", ("column", "ref"), ("ref_column",)),
-}
-COMMON_FIELDS = ("check", "name", "policy", "where", "tolerance", *COMPARATORS)
 
 
 def check_name(check: dict[str, Any]) -> str:
@@ -136,15 +98,10 @@ def check_name(check: dict[str, Any]) -> str:
     return check.get("name") or (f"{check['check']}({target})" if target else check["check"])
 
 
-def key_columns(check: dict[str, Any]) -> list[str]:
-    """The key of a ``unique`` check: ``column`` or ``columns`` (a composite key)."""
-    return [check["column"]] if "column" in check else list(check["columns"])
-
-
 def columns_used(check: dict[str, Any]) -> list[str]:
     """Columns a check reads (a schema check's columns are what it compares, not what it reads)."""
     names: list[str] = []
-    if check["check"] != "schema":
+    if CHECKS[check["check"]].level != SCHEMA:
         names += [check["column"]] if "column" in check else list(check.get("columns") or [])
     for field in ("expr", "where"):
         if isinstance(check.get(field), str) and not _templated(check[field]):
@@ -156,10 +113,9 @@ def expectation(check: dict[str, Any]) -> dict[str, Any]:
     """The comparators a check's measured value must satisfy (defaults and aliases applied)."""
     kind = CHECKS[check["check"]]
     found = {k: check[k] for k in COMPARATORS if k in check}
-    if check["check"] == "row_count":  # min/max: the check's original bounds
-        found.update({alias: check[key] for key, alias in (("min", "geq_to"), ("max", "leq_to")) if key in check})
+    found.update({op: check[name] for name, op in kind.aliases if name in check})
     if not found:
-        found = dict(kind.default or ({"equal_to": 1} if kind.level == ROW else {}))
+        found = dict(kind.default or {})
     if kind.measures == "seconds":
         found = {k: duration_seconds(v) for k, v in found.items()}
     return found
@@ -203,23 +159,7 @@ def _validate_fields(check: dict[str, Any], kind: CheckKind, where: str) -> None
         raise ValueError(f"{where}: " + (f"missing {missing}" if missing else f"unknown field(s) {extra}"))
     if check.get("policy", "fail") not in POLICIES:
         raise ValueError(f"{where}: policy must be one of {', '.join(POLICIES)}, not {check['policy']!r}")
-    name = check["check"]
-    if name == "unique" and ("column" in check) == ("columns" in check):
-        raise ValueError(f"{where}: give 'column' or 'columns' (a composite key), one of them")
-    if name in ("range", "string_length") and "min" not in check and "max" not in check:
-        raise ValueError(f"{where} needs 'min', 'max' or both")
-    if name in ("range", "string_length") and _is_number(check.get("min")) and _is_number(check.get("max")):
-        if check["min"] > check["max"]:
-            raise ValueError(f"{where}: 'min' {check['min']} is above 'max' {check['max']}")
-    if name == "schema":
-        if not isinstance(check["columns"], dict) or not check["columns"]:
-            raise ValueError(f"{where}: 'columns' must map column names to Arrow types")
-        for type_name in check["columns"].values():
-            arrow_type(type_name)
-    if name == "accepted_values" and not isinstance(check["values"], (list, tuple)):
-        raise ValueError(f"{where}: 'values' must be a list")
-    if name == "custom" and not (callable(check["fn"]) or ":" in str(check["fn"])):
-        raise ValueError(f"{where}: 'fn' must be a callable or 'package.module:function'")
+    kind.validate(check, where)
     for field in ("expr", "where"):
         if field in check and not _templated(str(check[field])):
             columns_in(check[field])  # raises on a syntax error
@@ -240,8 +180,9 @@ def _validate_comparators(check: dict[str, Any], kind: CheckKind, where: str) ->
         raise ValueError(f"{where}: {exc}") from None
     if not comparators:
         raise ValueError(f"{where} needs a comparator: one of {', '.join(COMPARATORS)}")
-    if check["check"] == "row_count" and ("min" in check or "max" in check) and given:
-        raise ValueError(f"{where}: use either min/max or comparators, not both")
+    if given and any(name in check for name, _ in kind.aliases):
+        aliases = "/".join(name for name, _ in kind.aliases)
+        raise ValueError(f"{where}: use either {aliases} or comparators, not both")
     for op, value in comparators.items():
         problem = _comparator_problem(kind.measures, value)
         if problem:

@@ -15,7 +15,7 @@ from datetime import datetime
 
 from airflow.sdk import DAG, task
 
-from airflow_provider_raydata.operators.raydata import previous_rows
+from airflow_provider_raydata.run_context import previous_rows
 
 with DAG(dag_id="previous_rows_probe", schedule="@daily", start_date=datetime(2024, 1, 1), catchup=False):
 

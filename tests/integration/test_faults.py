@@ -21,6 +21,7 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from airflow_provider_raydata.hooks.ray import drop_client_session
 from airflow_provider_raydata.operators import RayDataExtractOperator, RayDataTransformOperator
+from airflow_provider_raydata.contracts import ProducedBy
 from airflow_provider_raydata.runtime import refs
 from tests.conftest import ROOT
 from tests.helpers import run_operator
@@ -36,7 +37,7 @@ def committed_ids(root: Path, files: int, rows_per_file: int) -> dict:
     for n in range(files):
         ids = pa.array(range(n * rows_per_file, (n + 1) * rows_per_file), pa.int64())
         pq.write_table(pa.table({"id": ids}), f"{attempt}/part-{n:03d}.parquet")
-    return refs.commit(attempt, None, {})
+    return refs.commit(attempt, None, ProducedBy()).to_dict()
 
 
 def processes(title: str) -> list[psutil.Process]:

@@ -326,7 +326,8 @@ def test_dates_and_timestamps_round_trip(ray_conn, pg, tmp_path):
     """A Parquet dataset with the usual warehouse types lands with the right values."""
     import pyarrow as pa
 
-    from airflow_provider_raydata.runtime import refs
+    from airflow_provider_raydata.contracts import ProducedBy
+from airflow_provider_raydata.runtime import refs
 
     table = pa.table(
         {
@@ -341,7 +342,7 @@ def test_dates_and_timestamps_round_trip(ray_conn, pg, tmp_path):
     attempt = refs.new_attempt_uri(str(tmp_path / "ref"), 1)
     os.makedirs(attempt)
     pq.write_table(table, f"{attempt}/part.parquet")
-    ref = refs.commit(attempt, None, {})
+    ref = refs.commit(attempt, None, ProducedBy()).to_dict()
     load(pg, ref, "typed", "overwrite")
     rows = table_rows(pg.conn, "typed")
     assert rows == [

@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from airflow_provider_raydata.operators import RayDataExtractOperator, RayDataLoadOperator
+from airflow_provider_raydata.contracts import ProducedBy
 from airflow_provider_raydata.runtime import refs
 from tests.conftest import ROOT
 from tests.helpers import run_operator, staging_tables
@@ -40,7 +41,7 @@ def committed_ref(root, rows: int) -> dict:
     table = pa.table({"id": ids, "value": pa.compute.multiply(ids, 3), "label": pa.array(["x" * 40] * rows)})
     for part in range(4):
         pq.write_table(table.slice(part * rows // 4, rows // 4), f"{attempt}/part-{part}.parquet")
-    return refs.commit(attempt, None, {})
+    return refs.commit(attempt, None, ProducedBy()).to_dict()
 
 
 def copying_into(conn, table: str) -> bool:
@@ -217,7 +218,7 @@ def test_replace_partition_matches_the_targets_column_types(ray_head, pg, tmp_pa
     pq.write_table(
         pa.table({"day": ["2024-01-02"] * 4, "amount": pa.array([10] * 4, pa.int64())}), f"{attempt}/p.parquet"
     )
-    ref = refs.commit(attempt, None, {})
+    ref = refs.commit(attempt, None, ProducedBy()).to_dict()
     destination = {"kind": "postgres", "postgres_conn_id": pg.conn_id, "table": "daily"}
     for run_id in ("run-1", "run-2"):
         op = RayDataLoadOperator(

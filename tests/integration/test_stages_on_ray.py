@@ -20,6 +20,7 @@ from airflow_provider_raydata.operators import (
     RayDataQualityOperator,
     RayDataTransformOperator,
 )
+from airflow_provider_raydata.contracts import ProducedBy
 from airflow_provider_raydata.runtime import refs
 from tests import quality_data
 from tests.helpers import FakeTaskInstance, run_operator
@@ -207,7 +208,7 @@ def planted_refs(tmp_path):
         os.makedirs(uri)
         pq.write_table(table.slice(0, 400), f"{uri}/part-0.parquet")
         pq.write_table(table.slice(400), f"{uri}/part-1.parquet")
-        return refs.commit(uri, None, {})
+        return refs.commit(uri, None, ProducedBy()).to_dict()
 
     return committed(quality_data.planted_table(), "planted"), committed(quality_data.customers_table(), "customers")
 

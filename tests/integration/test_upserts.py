@@ -13,6 +13,7 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from airflow_provider_raydata.hooks.ray import RayHook
 from airflow_provider_raydata.operators import RayDataLoadOperator
+from airflow_provider_raydata.contracts import ProducedBy
 from airflow_provider_raydata.runtime import refs
 from airflow_provider_raydata.runtime.postgres import publish, stage_load
 from tests.helpers import run_operator, staging_tables
@@ -30,7 +31,7 @@ def committed(root, rows) -> dict:
     os.makedirs(attempt)
     table = pa.Table.from_pylist([dict(zip(SCHEMA.names, row, strict=True)) for row in rows], schema=SCHEMA)
     pads.write_dataset(table, attempt, format="parquet", basename_template="part-{i}.parquet")
-    return refs.commit(attempt, None, {})
+    return refs.commit(attempt, None, ProducedBy()).to_dict()
 
 
 def lake(path) -> list[tuple]:

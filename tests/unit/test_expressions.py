@@ -3,7 +3,11 @@ import datetime as dt
 import pyarrow as pa
 import pytest
 
-from airflow_provider_raydata.runtime.expressions import columns_in, filter_table
+from airflow_provider_raydata.runtime.expressions import columns_in, compile_expression
+
+
+def filter_table(table, expression):
+    return table.filter(compile_expression(expression, table.schema))
 
 TABLE = pa.table(
     {

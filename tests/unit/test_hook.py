@@ -3,6 +3,7 @@ import time
 import pytest
 from airflow.sdk.exceptions import AirflowException
 
+from airflow_provider_raydata.contracts import ProducedBy, StageSpec
 from airflow_provider_raydata.hooks.ray import ClusterSettings, RayHook, settings_from_connection
 from airflow_provider_raydata.operators import RayDataExtractOperator
 from tests.services import free_port
@@ -34,7 +35,7 @@ def test_unreachable_cluster_fails_fast_naming_the_address():
     hook.__dict__["settings"] = ClusterSettings(address=f"ray://127.0.0.1:{port}", auth_token="tok-123456")
     started = time.monotonic()
     with pytest.raises(AirflowException) as error:
-        hook.run_stage({"stage": "extract"})
+        hook.run_stage(StageSpec(stage="extract", name="t", produced_by=ProducedBy()))
     assert time.monotonic() - started < 5
     assert f"Ray cluster at ray://127.0.0.1:{port} is unreachable" in str(error.value)
     assert "tok-123456" not in str(error.value)

@@ -5,6 +5,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from airflow_provider_raydata.contracts import DatasetRef, ProducedBy
 from airflow_provider_raydata.runtime import refs
 
 
@@ -23,23 +24,23 @@ def write_attempt(prefix: str, try_number: int, rows: int) -> str:
 def test_commit_describes_the_data_and_replaces_older_attempts(tmp_path):
     prefix = str(tmp_path / "dag" / "run" / "task")
     first = write_attempt(prefix, 1, 3)
-    refs.commit(first, None, {"try_number": 1})
+    refs.commit(first, None, ProducedBy(try_number=1))
     second = write_attempt(prefix, 2, 5)
-    ref = refs.commit(second, None, {"try_number": 2})
+    ref = refs.commit(second, None, ProducedBy(try_number=2)).to_dict()
     assert ref["num_rows"] == 5 and ref["num_files"] == 1 and ref["schema"] == {"id": "int64"}
     assert not os.path.exists(first)
-    assert refs.resolve(second, None) == ref
+    assert refs.resolve(DatasetRef(second), None).to_dict() == ref
     assert json.loads(json.dumps(ref)) == ref  # XCom-safe
 
 
 def test_an_attempt_without_marker_is_never_read(tmp_path):
     uri = write_attempt(str(tmp_path / "t"), 1, 2)
     with pytest.raises(FileNotFoundError, match="is not committed"):
-        refs.resolve({"uri": uri}, None)
+        refs.resolve(DatasetRef.parse({"uri": uri}), None)
     with pytest.raises(FileNotFoundError, match="Input dataset not found"):
-        refs.resolve(str(tmp_path / "missing"), None)
+        refs.resolve(DatasetRef.parse(str(tmp_path / "missing")), None)
     with pytest.raises(ValueError, match="Not a dataset reference"):
-        refs.resolve({"path": uri}, None)
+        refs.resolve(DatasetRef.parse({"path": uri}), None)
 
 
 def test_the_runtime_imports_without_airflow():

@@ -202,7 +202,7 @@ def candidate(dag_id: str, run_id: str | None, run_dir: str = "dir") -> dict:
 
 
 def test_find_active_runs():
-    from airflow_provider_raydata.operators.raydata import find_active_runs
+    from airflow_provider_raydata.run_context import find_active_runs
 
     runs = DagRuns([("a", "r1", "running"), ("a", "r2", "success"), ("b", "r3", "queued"), ("c", "x", "failed")])
     candidates = [candidate("a", "r1"), candidate("a", "r2"), candidate("a", None, "killed"), candidate("c", "x")]
@@ -216,6 +216,7 @@ def test_find_active_runs():
 def test_cleanup_operator_two_stages(staging, monkeypatch):
     """The operator's flow with the stage run in-process (what Ray would run, without Ray)."""
     from airflow_provider_raydata.operators import RayDataStagingCleanupOperator
+    from airflow_provider_raydata.contracts import StageSpec, from_plain, to_plain
     from airflow_provider_raydata.runtime.runner import run_stage
     from tests.helpers import FakeTaskInstance
 
@@ -224,8 +225,8 @@ def test_cleanup_operator_two_stages(staging, monkeypatch):
     specs = []
 
     def fake_run_stage(spec, timeout=None):
-        specs.append(spec)
-        return run_stage(json.loads(json.dumps(spec)))  # plain data, as over the wire
+        specs.append(to_plain(spec.cleanup))
+        return run_stage(from_plain(StageSpec, to_plain(spec)))  # plain data, as over the wire
 
     operator = RayDataStagingCleanupOperator(task_id="clean", staging_uri=str(staging), retention_days="7")
     settings = SimpleNamespace(dashboard_url=None, where="in-process", storage_options={}, embedded=True)

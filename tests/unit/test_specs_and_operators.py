@@ -11,7 +11,8 @@ from airflow_provider_raydata.operators import (
     RayDataQualityOperator,
     RayDataTransformOperator,
 )
-from airflow_provider_raydata.operators.raydata import _listed, format_report
+from airflow_provider_raydata.reporting import format_report
+from airflow_provider_raydata.reporting import listed as _listed
 from airflow_provider_raydata.runtime.specs import validate_checks, validate_steps
 from airflow_provider_raydata.runtime.types import arrow_type
 from tests.helpers import FakeTaskInstance
@@ -107,7 +108,7 @@ def test_columns_are_checked_against_a_known_schema_before_the_cluster(check, me
     op = RayDataQualityOperator(task_id="q", input="{{ ti.xcom_pull('t') }}", checks=[check])
     op.input = TYPED_REF  # as rendered from XCom: at execute time, before the stage is sent
     with pytest.raises(AirflowFailException, match=message):
-        op.stage_spec({"ti": FakeTaskInstance()})
+        op.stage_fields({"ti": FakeTaskInstance()})
 
 
 def test_templated_values_are_checked_once_rendered():
@@ -126,18 +127,18 @@ def test_quality_spec_carries_run_context():
     op = RayDataQualityOperator(task_id="q", input=TYPED_REF, checks=checks, score_threshold=0.9)
     ti = FakeTaskInstance(task_id="q", previous_xcoms={"quality_report": {"rows_in": 800}})
     end = datetime(2024, 1, 2, tzinfo=UTC)
-    spec = op.stage_spec({"ti": ti, "data_interval_end": end})
+    spec = op.stage_fields({"ti": ti, "data_interval_end": end})
     assert spec["checks"][0]["previous_rows"] == 800
     assert spec["checks"][1]["as_of"] == "2024-01-02T00:00:00+00:00"
     assert spec["checks"][2]["ref"] == {"uri": "/tmp/other"}
     assert spec["score_threshold"] == 0.9 and "previous_rows" not in checks[0]  # the operator's own spec is kept
-    manual = op.stage_spec({"ti": FakeTaskInstance(), "dag_run": SimpleNamespace(run_after=end)})
+    manual = op.stage_fields({"ti": FakeTaskInstance(), "dag_run": SimpleNamespace(run_after=end)})
     assert manual["checks"][0]["previous_rows"] is None and manual["checks"][1]["as_of"] == end.isoformat()
 
 
 def test_extract_builds_a_file_source_spec():
     op = RayDataExtractOperator(task_id="e", source="s3://raw/{{ ds }}/*.csv", columns=["a"], filter="a > 1")
-    assert op.stage_spec({}) == {
+    assert op.stage_fields({}) == {
         "source": {"kind": "files", "path": "s3://raw/{{ ds }}/*.csv", "columns": ["a"], "filter": "a > 1"}
     }
     assert "source" in op.template_fields and "filter" in op.template_fields

@@ -8,9 +8,12 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pytest
 
-from airflow_provider_raydata.hooks.warehouses import aws_storage_options, postgres_params, resolve_connection
+from airflow_provider_raydata.hooks.connections import resolve_connection
+from airflow_provider_raydata.hooks.postgres import postgres_params
+from airflow_provider_raydata.hooks.storage import aws_storage_options
 from airflow_provider_raydata.operators import RayDataLoadOperator
-from airflow_provider_raydata.runtime.postgres import pg_type, source_query, table_parts
+from airflow_provider_raydata.runtime.postgres.common import pg_type, table_parts
+from airflow_provider_raydata.runtime.postgres.read import source_query
 from airflow_provider_raydata.runtime.storage import filesystem_for
 
 REF = {"uri": "/tmp/x", "num_rows": 1}
@@ -129,7 +132,7 @@ def test_copy_shares_balance_files_and_split_a_single_file_by_row_groups(tmp_pat
     import pyarrow.fs as pafs
     import pyarrow.parquet as pq
 
-    from airflow_provider_raydata.runtime.postgres import _shares
+    from airflow_provider_raydata.runtime.postgres.stage import _shares
     from airflow_provider_raydata.runtime.refs import data_files
 
     fs = pafs.LocalFileSystem()

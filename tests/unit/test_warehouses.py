@@ -13,8 +13,11 @@ import requests
 
 bigquery = pytest.importorskip("google.cloud.bigquery")
 
-from airflow_provider_raydata.runtime import bigquery as bq  # noqa: E402
-from airflow_provider_raydata.runtime import snowflake as sf  # noqa: E402
+from airflow_provider_raydata.contracts import DatasetRef, Destination  # noqa: E402
+from airflow_provider_raydata.runtime.bigquery import common as bq_common  # noqa: E402
+from airflow_provider_raydata.runtime.bigquery import load as bq  # noqa: E402
+from airflow_provider_raydata.runtime.bigquery import read as bq_read  # noqa: E402
+from airflow_provider_raydata.runtime.snowflake import common as sf  # noqa: E402
 
 REF = {
     "uri": "gs://lake/staging/daily/run-1/transform/attempt-1-abcd1234",
@@ -84,8 +87,9 @@ def client(http: FakeBigQueryHttp):
 
 def run(mode: str, http: FakeBigQueryHttp | None = None, **destination):
     http = http or FakeBigQueryHttp()
-    plan = bq.load_plan(REF, {"table": "sales.orders", "mode": mode, **destination}, "0123abcd", "my-project")
-    return bq.publish(client(http), plan), http
+    target = Destination.from_user({"kind": "bigquery", "table": "sales.orders", "mode": mode, **destination})
+    plan = bq.load_plan(DatasetRef.from_dict(REF), target, "0123abcd", "my-project")
+    return bq.publish(client(http), plan).to_dict(), http
 
 
 def test_bigquery_load_jobs_by_mode_through_a_faked_transport():
@@ -140,15 +144,18 @@ def test_bigquery_load_jobs_by_mode_through_a_faked_transport():
     assert merge["configuration"]["query"]["useLegacySql"] is False
     assert sql.startswith(
         "CREATE TABLE IF NOT EXISTS `my-project`.`sales`.`orders` LIKE `my-project`.`sales`.`_raydata_0123abcd`;\n"
-        "MERGE `my-project`.`sales`.`orders` AS t USING (SELECT `id`, `name`, "
+        "MERGE INTO `my-project`.`sales`.`orders` AS t USING (SELECT `id`, `name`, "
     )
     assert "QUALIFY ROW_NUMBER() OVER (PARTITION BY `id` ORDER BY `at` DESC) = 1) AS s ON t.`id` = s.`id`" in sql
-    assert "WHEN MATCHED AND s.`deleted` THEN DELETE\nWHEN MATCHED THEN UPDATE SET `name` = s.`name`," in sql
+    # runtime.upsert's rule 2: an older staged row never replaces or deletes a newer stored one
+    newer = "(t.`at` IS NULL OR s.`at` IS NULL OR t.`at` <= s.`at`)"
+    assert f"WHEN MATCHED AND s.`deleted` AND {newer} THEN DELETE\nWHEN MATCHED AND {newer} THEN UPDATE SET `name` =" in sql
     assert "WHEN NOT MATCHED AND s.`deleted` IS NOT TRUE THEN INSERT (`id`, " in sql
     assert http.requests[-1][:2] == ("DELETE", "/projects/my-project/datasets/sales/tables/_raydata_0123abcd")
 
     with pytest.raises(ValueError, match="reads the Parquet handoff from GCS"):
-        bq.load_plan({**REF, "uri": "s3://lake/x"}, {"table": "sales.orders"}, "0123abcd", "my-project")
+        target = Destination.from_user({"kind": "bigquery", "table": "sales.orders"})
+        bq.load_plan(DatasetRef.from_dict({**REF, "uri": "s3://lake/x"}), target, "0123abcd", "my-project")
 
 
 def test_bigquery_source_query_binds_typed_parameters():
@@ -157,7 +164,7 @@ def test_bigquery_source_query_binds_typed_parameters():
     http = FakeBigQueryHttp()
     source = {"query": "SELECT * FROM sales.orders WHERE day = @day AND id IN UNNEST(@ids) AND name = @name"}
     source["parameters"] = {"day": dt.date(2024, 1, 2), "ids": [1, 2], "name": "x'; DROP TABLE t; --"}
-    table = bq.run_query(client(http), source, "my-project")
+    table = bq_read.run_query(client(http), source, "my-project")
     assert table == "my-project._anon.anon_result"
     query = http.posted()[0]["configuration"]["query"]
     assert query["query"] == source["query"]  # the values never enter the SQL text
@@ -166,7 +173,7 @@ def test_bigquery_source_query_binds_typed_parameters():
         "ids": ({"type": "ARRAY", "arrayType": {"type": "INT64"}}, {"arrayValues": [{"value": "1"}, {"value": "2"}]}),
         "name": ({"type": "STRING"}, {"value": "x'; DROP TABLE t; --"}),
     }
-    assert bq.run_query(client(http), {"table": "sales.orders"}, "my-project") == "my-project.sales.orders"
+    assert bq_read.run_query(client(http), {"table": "sales.orders"}, "my-project") == "my-project.sales.orders"
 
 
 @pytest.mark.parametrize(
@@ -174,11 +181,11 @@ def test_bigquery_source_query_binds_typed_parameters():
 )
 def test_bigquery_rejects_hostile_or_malformed_table_names(name):
     with pytest.raises(ValueError, match="Invalid BigQuery"):
-        bq.table_parts(name, "my-project")
+        bq_common.table_parts(name, "my-project")
 
 
 def test_identifiers_are_quoted():
-    assert bq.quote("we`ird\\name") == "`we\\`ird\\\\name`"
+    assert bq_common.quote("we`ird\\name") == "`we\\`ird\\\\name`"
     assert sf.quote('evil"; DROP TABLE "src"; --') == '"evil""; DROP TABLE ""src""; --"'
     assert sf.table_parts("db.sch.t", {}) == ("db", "sch", "t")
     assert sf.table_parts("t", {"database": "DB", "schema": "PUBLIC"}) == ("DB", "PUBLIC", "t")
@@ -187,7 +194,7 @@ def test_identifiers_are_quoted():
 
 
 def test_validation_and_connections_resolve_to_plain_parameters(monkeypatch):
-    from airflow_provider_raydata.hooks.warehouses import resolve_connection
+    from airflow_provider_raydata.hooks.connections import resolve_connection
     from airflow_provider_raydata.operators import RayDataLoadOperator
 
     with pytest.raises(ValueError, match="replace_partition needs 'partition'"):
@@ -220,14 +227,14 @@ def test_bigquery_load_operator_needs_no_ray_stage(monkeypatch):
     """The operator builds the plan and runs the jobs with BigQueryHook's client (faked here)."""
     from types import SimpleNamespace
 
-    from airflow_provider_raydata.hooks import warehouses
+    from airflow_provider_raydata.hooks import bigquery as bigquery_hooks
     from airflow_provider_raydata.hooks.ray import RayHook
     from airflow_provider_raydata.operators import RayDataLoadOperator
     from tests.helpers import run_operator
 
     http = FakeBigQueryHttp()
     hook = SimpleNamespace(project_id="my-project", get_client=lambda project_id, location: client(http))
-    monkeypatch.setattr(warehouses, "bigquery_hook", lambda conn_id, location=None: hook)
+    monkeypatch.setattr(bigquery_hooks, "bigquery_hook", lambda conn_id, location=None: hook)
     monkeypatch.setattr(RayHook, "run_stage", lambda *args, **kwargs: pytest.fail("a BigQuery load ran a Ray stage"))
     op = RayDataLoadOperator(
         task_id="load_bq", input=REF, destination={"kind": "bigquery", "table": "sales.orders"}, mode="overwrite"
