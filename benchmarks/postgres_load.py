@@ -40,8 +40,8 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.csv as pacsv  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from airflow_provider_raydata.operators import RayDataLoadOperator  # noqa: E402
 from airflow_provider_raydata.contracts import ProducedBy  # noqa: E402
+from airflow_provider_raydata.operators import RayDataLoadOperator  # noqa: E402
 from airflow_provider_raydata.runtime import refs  # noqa: E402
 from airflow_provider_raydata.runtime.postgres.common import pg_type  # noqa: E402
 from tests.helpers import run_operator  # noqa: E402

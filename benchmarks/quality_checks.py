@@ -60,6 +60,7 @@ def generate(data: Path, scale: float, files: int = 8) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from airflow_provider_raydata.contracts import ProducedBy
     from airflow_provider_raydata.runtime import refs
 
     raw = data / f"sf{scale:g}" / "lineitem.parquet"

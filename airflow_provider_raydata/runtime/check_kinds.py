@@ -37,8 +37,8 @@ MEASURES = ("count", "fraction", "ratio", "number", "value", "seconds")
 
 @dataclass(frozen=True)
 class Measured:
-    """A table check's measured value and details for the report. ``judged=False``: there is
-    nothing to compare yet (a first run), so the check passes."""
+    """A check's measured value and details for the report. ``judged=False``: there is nothing
+    to compare yet (a first run), so the check passes."""
 
     value: Any
     details: dict[str, Any] = field(default_factory=dict)
@@ -61,11 +61,12 @@ class CheckKind:
         the shared rules: required and unknown fields, comparators, column names)."""
 
     def reads_every_column(self, check: dict[str, Any]) -> bool:
+        """True if the check reads more than ``runtime.specs.columns_used`` can tell."""
         return False
 
     def lookup(self, check: dict[str, Any]) -> tuple[Any, str] | None:
-        """The other dataset (a reference) and its key column whose keys ``column`` is looked up
-        in, or None. ``runtime.checks`` reads the key set once, before any row is read."""
+        """The other dataset (a reference) and its key column that ``column``'s values are looked
+        up in, or None. ``runtime.checks`` reads the key set once, before any row is read."""
         return None
 
 
@@ -283,13 +284,13 @@ class Schema(SchemaKind):
         }
         allow_extra = check.get("allow_extra", False)
         passed = not drift["missing"] and not drift["changed"] and (allow_extra or not drift["added"])
-        expected_text = f"{len(expected)} declared columns and types" + (", extra columns allowed" if allow_extra else "")
+        extra = ", extra columns allowed" if allow_extra else ""
         return {
             "name": check["name"],
             "check": "schema",
             "column": None,
             "value": {k: v for k, v in drift.items() if v} or "no drift",
-            "expected": expected_text,
+            "expected": f"{len(expected)} declared columns and types{extra}",
             "passed": passed,
             "policy": check["policy"],
         }

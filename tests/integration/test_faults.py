@@ -19,9 +19,9 @@ import pyarrow.parquet as pq
 import pytest
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
+from airflow_provider_raydata.contracts import ProducedBy
 from airflow_provider_raydata.hooks.ray import drop_client_session
 from airflow_provider_raydata.operators import RayDataExtractOperator, RayDataTransformOperator
-from airflow_provider_raydata.contracts import ProducedBy
 from airflow_provider_raydata.runtime import refs
 from tests.conftest import ROOT
 from tests.helpers import run_operator

@@ -327,7 +327,7 @@ def test_dates_and_timestamps_round_trip(ray_conn, pg, tmp_path):
     import pyarrow as pa
 
     from airflow_provider_raydata.contracts import ProducedBy
-from airflow_provider_raydata.runtime import refs
+    from airflow_provider_raydata.runtime import refs
 
     table = pa.table(
         {

@@ -15,8 +15,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from airflow_provider_raydata.operators import RayDataExtractOperator, RayDataLoadOperator
 from airflow_provider_raydata.contracts import ProducedBy
+from airflow_provider_raydata.operators import RayDataExtractOperator, RayDataLoadOperator
 from airflow_provider_raydata.runtime import refs
 from tests.conftest import ROOT
 from tests.helpers import run_operator, staging_tables

@@ -11,8 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from airflow_provider_raydata.hooks.ray import RayHook
 from airflow_provider_raydata.hooks.postgres import sweep_postgres
+from airflow_provider_raydata.hooks.ray import RayHook
 from airflow_provider_raydata.runtime.postgres.publish import publish
 from airflow_provider_raydata.runtime.postgres.stage import stage_load
 from airflow_provider_raydata.runtime.postgres.sweep import drop_orphaned_staging_tables

@@ -14,13 +14,13 @@ import pyarrow.parquet as pq
 import pytest
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
+from airflow_provider_raydata.contracts import ProducedBy
 from airflow_provider_raydata.operators import (
     RayDataExtractOperator,
     RayDataLoadOperator,
     RayDataQualityOperator,
     RayDataTransformOperator,
 )
-from airflow_provider_raydata.contracts import ProducedBy
 from airflow_provider_raydata.runtime import refs
 from tests import quality_data
 from tests.helpers import FakeTaskInstance, run_operator

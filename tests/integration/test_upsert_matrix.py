@@ -44,8 +44,11 @@ SCENARIOS = {
     # Rules 2+3: a delete older than the stored row does not apply.
     "late_delete": ({"sequence_by": "seq", "delete_column": "gone"}, [NEWER, [(3, "c0", 0, True)]], None),
     # Rule 2 within one load: the latest version per key wins.
-    "repeated_keys_with_sequence": ({"sequence_by": "seq"}, [[(1, "a1", 1, False), (1, "a3", 3, False),
-                                                              (1, "a2", 2, False)]], None),  # fmt: skip
+    "repeated_keys_with_sequence": (
+        {"sequence_by": "seq"},
+        [[(1, "a1", 1, False), (1, "a3", 3, False), (1, "a2", 2, False)]],
+        None,
+    ),  # fmt: skip
     # Rule 1: without sequence_by a repeated key fails the load and changes nothing.
     "repeated_keys_without_sequence": ({}, [OLDER, [(7, "g1", 1, False), (7, "g2", 2, False)]], "more than once"),
     # Rule 2 without sequence_by: the load's row replaces the stored one.
@@ -177,7 +180,9 @@ class BigQueryScriptOnDuckDB:
             raise AirflowFailException(str(exc)) from exc  # BigQuery's invalidQuery: a data error
 
     def rows(self) -> list[tuple]:
-        if not self.db.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'items'").fetchone()[0]:
+        if not self.db.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'items'").fetchone()[
+            0
+        ]:
             return []
         return self.db.execute('SELECT id, v, seq, gone FROM "items" ORDER BY id').fetchall()
 

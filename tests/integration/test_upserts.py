@@ -11,9 +11,9 @@ import pyarrow.dataset as pads
 import pytest
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
+from airflow_provider_raydata.contracts import ProducedBy
 from airflow_provider_raydata.hooks.ray import RayHook
 from airflow_provider_raydata.operators import RayDataLoadOperator
-from airflow_provider_raydata.contracts import ProducedBy
 from airflow_provider_raydata.runtime import refs
 from airflow_provider_raydata.runtime.postgres import publish, stage_load
 from tests.helpers import run_operator, staging_tables

@@ -14,6 +14,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from airflow_provider_raydata.runtime import refs
+from airflow_provider_raydata.runtime.check_kinds import (
+    CHECKS,
+    MEASURES,
+    ROW,
+    SCHEMA,
+    TABLE,
+    RowKind,
+    SchemaKind,
+    TableKind,
+)
 from airflow_provider_raydata.runtime.checks import (
     FAILED_CHECKS,
     compare,
@@ -237,3 +247,26 @@ def test_distinct_keys_merge_only_shared_ranges_and_stay_exact(keys, cuts, order
     )
     parts = [distinct_rows(table.slice(a, b - a)) for a, b in zip(bounds, bounds[1:], strict=False)]
     assert count_distinct_keys(parts) == len(set(keys))
+
+
+def test_every_check_kind_declares_all_it_needs():
+    """A kind is one class in runtime.check_kinds: a new one missing a piece, or untested by the
+    planted defects above, fails here."""
+    needs = {
+        ROW: (RowKind, ("passes", "rule")),
+        TABLE: (TableKind, ("partial", "merge")),
+        SCHEMA: (SchemaKind, ("result",)),
+    }
+    planted = {c["check"]: c for c in quality_data.planted_checks(customers_ref=None)}
+    assert planted.keys() == CHECKS.keys(), "every kind needs a planted defect in tests/quality_data.py"
+    for name, kind in CHECKS.items():
+        base, methods = needs[kind.level]
+        assert isinstance(kind, base), f"{name}: a {kind.level} kind derives from {base.__name__}"
+        missing = [m for m in methods if getattr(type(kind), m) is getattr(base, m)]
+        assert not missing, f"{name} does not define {missing}"
+        assert kind.measures is None if kind.level == SCHEMA else kind.measures in MEASURES, name
+        assert not set(kind.required) & set(kind.optional), name
+        assert {f for f, _ in kind.aliases} <= set(kind.optional), name
+        if kind.level == ROW:
+            assert isinstance(kind.rule(planted[name]), str) and kind.rule(planted[name]), name
+            assert not kind.on_values or "column" in kind.required, f"{name}: values of which column?"

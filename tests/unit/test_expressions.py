@@ -9,6 +9,7 @@ from airflow_provider_raydata.runtime.expressions import columns_in, compile_exp
 def filter_table(table, expression):
     return table.filter(compile_expression(expression, table.schema))
 
+
 TABLE = pa.table(
     {
         "day": pa.array([dt.date(2024, 1, 1), dt.date(2024, 1, 2), dt.date(2024, 1, 3)], pa.date32()),

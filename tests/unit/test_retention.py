@@ -215,8 +215,8 @@ def test_find_active_runs():
 
 def test_cleanup_operator_two_stages(staging, monkeypatch):
     """The operator's flow with the stage run in-process (what Ray would run, without Ray)."""
-    from airflow_provider_raydata.operators import RayDataStagingCleanupOperator
     from airflow_provider_raydata.contracts import StageSpec, from_plain, to_plain
+    from airflow_provider_raydata.operators import RayDataStagingCleanupOperator
     from airflow_provider_raydata.runtime.runner import run_stage
     from tests.helpers import FakeTaskInstance
 

@@ -149,7 +149,10 @@ def test_bigquery_load_jobs_by_mode_through_a_faked_transport():
     assert "QUALIFY ROW_NUMBER() OVER (PARTITION BY `id` ORDER BY `at` DESC) = 1) AS s ON t.`id` = s.`id`" in sql
     # runtime.upsert's rule 2: an older staged row never replaces or deletes a newer stored one
     newer = "(t.`at` IS NULL OR s.`at` IS NULL OR t.`at` <= s.`at`)"
-    assert f"WHEN MATCHED AND s.`deleted` AND {newer} THEN DELETE\nWHEN MATCHED AND {newer} THEN UPDATE SET `name` =" in sql
+    assert (
+        f"WHEN MATCHED AND s.`deleted` AND {newer} THEN DELETE\nWHEN MATCHED AND {newer} THEN UPDATE SET `name` ="
+        in sql
+    )
     assert "WHEN NOT MATCHED AND s.`deleted` IS NOT TRUE THEN INSERT (`id`, " in sql
     assert http.requests[-1][:2] == ("DELETE", "/projects/my-project/datasets/sales/tables/_raydata_0123abcd")
 
