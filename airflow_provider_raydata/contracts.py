@@ -188,6 +188,50 @@ class Metrics:
         return asdict(self)
 
 
+# --- the quality report -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """One check's verdict. ``details`` holds what the kind measured beside its value
+    (``failed_rows``, ``evaluated_rows``, ``examples``, ``note``, ...); XCom shows them inline."""
+
+    name: str
+    check: str
+    column: str | list[str] | None
+    value: Any
+    expected: str
+    passed: bool
+    policy: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        plain = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "details"}
+        return {**plain, **self.details}
+
+
+@dataclass(frozen=True)
+class QualityReport:
+    """A quality stage's report (XCom ``quality_report``): rows in = rows passed + quarantined."""
+
+    passed: bool
+    rows_in: int
+    rows_passed: int
+    rows_quarantined: int
+    score: float  # the fraction of rows that pass every row-level check
+    score_threshold: float | None
+    checks: tuple[CheckResult, ...]
+
+    @property
+    def failed(self) -> int:
+        return sum(not c.passed for c in self.checks)
+
+    def to_dict(self) -> dict[str, Any]:
+        plain = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "checks"}
+        checks = [c.to_dict() for c in self.checks]
+        return {**plain, "num_rows": self.rows_in, "failed": self.failed, "checks": checks}
+
+
 # --- destinations and the one upsert semantics -------------------------------------------------
 
 DESTINATION_MODES = {
@@ -443,7 +487,7 @@ class StageResult:
     metrics: Metrics
     ref: DatasetRef | None = None  # extract, transform, quality (the passing rows)
     input: DatasetRef | None = None
-    report: dict[str, Any] | None = None  # quality: runtime.checks.merge_report
+    report: QualityReport | None = None  # quality
     quarantine: DatasetRef | None = None  # quality
     load: LoadResult | None = None
     staged: SnowflakePlan | None = None  # a Snowflake load for the task to publish

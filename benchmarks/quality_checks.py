@@ -105,13 +105,21 @@ def full_scan(uri: str, columns: list[str]) -> dict:
 
 
 def quality_stage(ref: dict, checks: list[dict], output_uri: str) -> dict:
+    from airflow_provider_raydata.contracts import DatasetRef, ProducedBy, StageSpec
     from airflow_provider_raydata.runtime.runner import run_stage
 
-    spec = {"stage": "quality", "input": ref, "checks": checks, "output_uri": output_uri, "try_number": 1}
+    spec = StageSpec(
+        stage="quality",
+        name="benchmark.quality",
+        produced_by=ProducedBy(),
+        input=DatasetRef.parse(ref),
+        checks=tuple(checks),
+        output_uri=output_uri,
+    )
     result = run_stage(spec)
-    report = result["report"]
+    report = result.report.to_dict()
     return {
-        "seconds": result["metrics"]["seconds"],
+        "seconds": result.metrics.seconds,
         "rows": report["rows_in"],
         "failed_checks": [c["name"] for c in report["checks"] if not c["passed"]],
         "report": report,
@@ -119,6 +127,7 @@ def quality_stage(ref: dict, checks: list[dict], output_uri: str) -> dict:
 
 
 def separate_passes(ref: dict, checks: list[dict]) -> dict:
+    from airflow_provider_raydata.contracts import DatasetRef
     from airflow_provider_raydata.runtime.checks import run_checks
     from airflow_provider_raydata.runtime.runner import configure
     from airflow_provider_raydata.runtime.sources import read_ref
@@ -127,7 +136,7 @@ def separate_passes(ref: dict, checks: list[dict]) -> dict:
     started, per_check = time.perf_counter(), {}
     for check in checks:
         begin = time.perf_counter()
-        report, _ = run_checks(read_ref(ref, None)[0], [check], None)
+        report = run_checks(read_ref(DatasetRef.parse(ref), None)[0], [check], None)[0].to_dict()
         per_check[report["checks"][0]["name"]] = round(time.perf_counter() - begin, 2)
     return {"seconds": time.perf_counter() - started, "rows": report["rows_in"], "per_check": per_check}
 

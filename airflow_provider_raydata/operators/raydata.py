@@ -388,7 +388,7 @@ class RayDataQualityOperator(RayDataBaseOperator):
         return check
 
     def handle_result(self, context, result: StageResult) -> Any:
-        report, ti = result.report, context["ti"]
+        report, ti = result.report.to_dict(), context["ti"]
         ti.xcom_push(key=XCom.QUALITY_REPORT, value=report)
         ti.xcom_push(key=XCom.QUARANTINE, value=result.quarantine.to_dict())
         self.log.info("Quality report:\n%s", format_report(report))

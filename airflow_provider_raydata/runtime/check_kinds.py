@@ -27,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ..contracts import CheckResult
 from .expressions import compile_expression
 from .types import arrow_type
 
@@ -105,7 +106,7 @@ class TableKind(CheckKind):
 class SchemaKind(CheckKind):
     level = SCHEMA
 
-    def result(self, check: dict[str, Any], schema: pa.Schema) -> dict[str, Any]:
+    def result(self, check: dict[str, Any], schema: pa.Schema) -> CheckResult:
         """The check's entry in the report (it reads no rows)."""
         raise NotImplementedError
 
@@ -270,7 +271,7 @@ class Schema(SchemaKind):
         for type_name in check["columns"].values():
             arrow_type(type_name)
 
-    def result(self, check: dict[str, Any], schema: pa.Schema) -> dict[str, Any]:
+    def result(self, check: dict[str, Any], schema: pa.Schema) -> CheckResult:
         expected = {name: arrow_type(type_name) for name, type_name in check["columns"].items()}
         actual = {f.name: f.type for f in schema}
         drift = {
@@ -285,15 +286,9 @@ class Schema(SchemaKind):
         allow_extra = check.get("allow_extra", False)
         passed = not drift["missing"] and not drift["changed"] and (allow_extra or not drift["added"])
         extra = ", extra columns allowed" if allow_extra else ""
-        return {
-            "name": check["name"],
-            "check": "schema",
-            "column": None,
-            "value": {k: v for k, v in drift.items() if v} or "no drift",
-            "expected": f"{len(expected)} declared columns and types{extra}",
-            "passed": passed,
-            "policy": check["policy"],
-        }
+        value = {k: v for k, v in drift.items() if v} or "no drift"
+        expected_text = f"{len(expected)} declared columns and types{extra}"
+        return CheckResult(check["name"], "schema", None, value, expected_text, passed, check["policy"])
 
 
 # --- row kinds -----------------------------------------------------------------------------------

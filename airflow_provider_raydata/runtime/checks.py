@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 import ray
 import ray.data
 
-from ..contracts import DatasetRef
+from ..contracts import CheckResult, DatasetRef, QualityReport
 from . import refs
 from .check_kinds import CHECKS, ROW, SCHEMA, TABLE, Measured, evaluate_expression
 from .check_kinds import count_distinct_keys as count_distinct_keys  # re-exported (tests)
@@ -80,8 +80,9 @@ def _distinct_keys(check: dict[str, Any], ref: Any, column: str, storage: dict |
 
 def run_checks(
     ds: ray.data.Dataset, checks: list[dict[str, Any]], storage: dict | None, score_threshold: float | None = None
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Measure every check in one pass; return the report and the prepared checks."""
+) -> tuple[QualityReport, list[dict[str, Any]], dict[str, Any]]:
+    """Measure every check in one pass; return the report, the prepared checks and the key sets
+    of referential checks (object refs, for the pass that splits the rows)."""
     schema = ds.schema().base_schema
     checks = prepare_checks(checks, schema)
     # Read once, before any row is read (a wrong key column fails here), shared by every batch.
@@ -97,7 +98,7 @@ def run_checks(
         zero_copy_batch=True,
         fn_kwargs={"checks": checks, "keys": keys},
     ).take_all()
-    return merge_report(checks, partials, schema, score_threshold), checks
+    return merge_report(checks, partials, schema, score_threshold), checks, keys
 
 
 def measure_batch(
@@ -176,7 +177,7 @@ def _row_measure(parts: list) -> Measured:
 
 def merge_report(
     checks: list[dict[str, Any]], partials: list[dict], schema: pa.Schema, score_threshold: float | None = None
-) -> dict[str, Any]:
+) -> QualityReport:
     """Merge the batches' partial metrics and judge every check: the quality report."""
     summaries = [pickle.loads(p["summary"]) for p in partials]
     per_batch = [pickle.loads(p["parts"]) for p in partials]
@@ -190,43 +191,33 @@ def merge_report(
             results.append(_judge(check, _row_measure(parts) if kind.level == ROW else kind.merge(parts, check)))
     score = 1.0 if not rows_in else 1 - failed_any / rows_in
     if score_threshold is not None:
-        results.append(
-            {
-                "name": "quality_score",
-                "check": "quality_score",
-                "column": None,
-                "value": score,
-                "expected": f">= {score_threshold:g}",
-                "passed": score >= score_threshold,
-                "policy": "fail",
-            }
-        )
-    return {
-        "passed": all(r["passed"] for r in results if r["policy"] == "fail"),
-        "num_rows": rows_in,
-        "rows_in": rows_in,
-        "rows_passed": rows_in - quarantined,
-        "rows_quarantined": quarantined,
-        "score": score,
-        "score_threshold": score_threshold,
-        "failed": sum(not r["passed"] for r in results),
-        "checks": results,
-    }
+        expected = f">= {score_threshold:g}"
+        passed = score >= score_threshold
+        results.append(CheckResult("quality_score", "quality_score", None, score, expected, passed, "fail"))
+    return QualityReport(
+        passed=all(r.passed for r in results if r.policy == "fail"),
+        rows_in=rows_in,
+        rows_passed=rows_in - quarantined,
+        rows_quarantined=quarantined,
+        score=score,
+        score_threshold=score_threshold,
+        checks=tuple(results),
+    )
 
 
-def _judge(check: dict[str, Any], measured: Measured) -> dict[str, Any]:
+def _judge(check: dict[str, Any], measured: Measured) -> CheckResult:
     comparators, tolerance, value = expectation(check), check.get("tolerance"), measured.value
     passed = not measured.judged or (value is not None and compare(value, comparators, tolerance))
-    return {
-        "name": check["name"],
-        "check": check["check"],
-        "column": check.get("column") or check.get("columns"),
-        "value": _plain(value),
-        "expected": expectation_text(comparators, tolerance, check),
-        "passed": bool(passed),
-        "policy": check["policy"],
-        **{k: _plain(v) for k, v in measured.details.items() if v not in (None, [])},
-    }
+    return CheckResult(
+        name=check["name"],
+        check=check["check"],
+        column=check.get("column") or check.get("columns"),
+        value=_plain(value),
+        expected=expectation_text(comparators, tolerance, check),
+        passed=bool(passed),
+        policy=check["policy"],
+        details={k: _plain(v) for k, v in measured.details.items() if v not in (None, [])},
+    )
 
 
 def compare(value: Any, comparators: dict[str, Any], tolerance: float | None = None) -> bool:

@@ -41,7 +41,7 @@ def run_locally(table: pa.Table, checks: list[dict], cuts=(0.07, 0.4, 0.41), sco
     bounds = sorted({0, table.num_rows, *(int(c * table.num_rows) for c in cuts)})
     batches = [table.slice(a, b - a) for a, b in zip(bounds, bounds[1:], strict=False)]
     partials = [{k: v[0] for k, v in measure_batch(b, prepared).items()} for b in batches]
-    report = merge_report(prepared, partials, table.schema, score_threshold)
+    report = merge_report(prepared, partials, table.schema, score_threshold).to_dict()
     if quarantine is None:
         return report, None
     passing = pa.concat_tables([split_batch(b, prepared, quarantine, None) for b in batches])
