@@ -232,6 +232,95 @@ class QualityReport:
         return {**plain, "num_rows": self.rows_in, "failed": self.failed, "checks": checks}
 
 
+# Source/destination kinds that name an Airflow connection: kind -> (user's key, default id).
+CONNECTION_KEYS = {
+    "postgres": ("postgres_conn_id", "postgres_default"),
+    "snowflake": ("snowflake_conn_id", "snowflake_default"),
+    "bigquery": ("gcp_conn_id", "google_cloud_default"),
+}
+
+
+# --- sources ------------------------------------------------------------------------------------
+
+SOURCE_KINDS = ("files", "postgres", "snowflake", "bigquery")
+FILE_FORMATS = ("parquet", "csv", "json")
+
+
+@dataclass(frozen=True)
+class IncrementalWindow:
+    """The rows an incremental extract keeps: ``start <= column < end`` (ISO timestamps; None: open).
+    ``partitioned``: the column is a date partition directory (``.../column=YYYY-MM-DD/``)."""
+
+    column: str
+    start: str | None = None
+    end: str | None = None
+    partitioned: bool = False
+
+
+@dataclass(frozen=True)
+class Source:
+    """What an extract reads, built from the user's ``source`` (a path, a list of paths or a dict).
+
+    ``conn`` holds the connection parameters resolved on the worker (secrets: never in a repr);
+    ``conn_id`` names that Airflow connection."""
+
+    kind: Literal["files", "postgres", "snowflake", "bigquery"] = "files"
+    path: str | tuple[str, ...] | None = None  # files: a path, glob, directory, or several
+    format: str | None = None  # files: parquet, csv or json (default: from the extension)
+    columns: tuple[str, ...] | None = None
+    filter: str | None = None  # a row filter such as "qty > 0" (runtime.expressions)
+    cast: dict[str, str] = field(default_factory=dict)  # column -> Arrow type name
+    window: IncrementalWindow | None = None
+    query: str | None = None  # SQL kinds: a query with bound parameters, or a table
+    table: str | dict | None = None
+    parameters: dict[str, Any] | list | None = None
+    shard_key: str | None = None  # postgres: read in parallel shards of this column
+    num_shards: int | None = None  # postgres
+    num_streams: int | None = None  # bigquery
+    location: str | None = None  # bigquery
+    conn_id: str | None = None
+    conn: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_user(cls, value: str | list[str] | Mapping[str, Any], **options: Any) -> Source:
+        """``options`` (the operator's ``format``, ``columns``, ``filter``, ``cast``) apply where
+        given. Raises ``DataError`` naming an unknown kind, field or format."""
+        data = dict(value) if isinstance(value, Mapping) else {"kind": "files", "path": value}
+        data.update({k: v for k, v in options.items() if v is not None})
+        kind = data.pop("kind", "files")
+        if kind not in SOURCE_KINDS:
+            raise DataError(f"Unknown source kind {kind!r}; known kinds: {', '.join(SOURCE_KINDS)}")
+        conn_key, _ = CONNECTION_KEYS.get(kind, (None, None))
+        if conn_key and conn_key in data:
+            data["conn_id"] = data.pop(conn_key)
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if unknown:
+            raise DataError(f"Unknown field(s) {unknown} in a {kind} source")
+        if isinstance(data.get("path"), list):
+            data["path"] = tuple(data["path"])
+        if data.get("columns") is not None:
+            data["columns"] = tuple(data["columns"])
+        if isinstance(data.get("window"), Mapping):
+            data["window"] = IncrementalWindow(**data["window"])
+        data["cast"] = dict(data.get("cast") or {})
+        source = cls(kind=kind, **data)
+        if kind == "files" and not source.path:
+            raise DataError("a files source needs 'path'")
+        if source.format is not None and source.format not in FILE_FORMATS:
+            raise DataError(f"Unknown file format {source.format!r}; use one of {', '.join(FILE_FORMATS)}")
+        if kind != "files" and bool(source.query) == bool(source.table):
+            raise DataError(f"A {kind} source needs exactly one of 'query' or 'table'")
+        return source
+
+    @property
+    def paths(self) -> list[str]:
+        return list(self.path) if isinstance(self.path, tuple) else [self.path]
+
+    @property
+    def default_conn_id(self) -> str | None:
+        return self.conn_id or CONNECTION_KEYS.get(self.kind, (None, None))[1]
+
+
 # --- destinations and the one upsert semantics -------------------------------------------------
 
 DESTINATION_MODES = {
@@ -239,12 +328,6 @@ DESTINATION_MODES = {
     "postgres": ("append", "overwrite", "replace_partition", "upsert"),
     "snowflake": ("append", "overwrite", "replace_partition", "upsert"),
     "bigquery": ("append", "overwrite", "replace_partition", "upsert"),
-}
-# Source/destination kinds that name an Airflow connection: kind -> (user's key, default id).
-CONNECTION_KEYS = {
-    "postgres": ("postgres_conn_id", "postgres_default"),
-    "snowflake": ("snowflake_conn_id", "snowflake_default"),
-    "bigquery": ("gcp_conn_id", "google_cloud_default"),
 }
 
 
@@ -375,7 +458,7 @@ class LoadResult:
 
 @dataclass(frozen=True)
 class PostgresPlan:
-    """A PostgreSQL load as ``runtime.postgres.stage`` decided it, for ``publish`` (both on the cluster)."""
+    """A PostgreSQL load as ``runtime.postgres.staging`` decided it, for ``publish`` (both on the cluster)."""
 
     destination: str  # "schema.table", as the ledger and messages name it
     schema: str
@@ -397,7 +480,7 @@ class PostgresPlan:
 
 @dataclass(frozen=True)
 class SnowflakePlan:
-    """A Snowflake load staged on the cluster (``runtime.snowflake.stage``) and published by the
+    """A Snowflake load staged on the cluster (``runtime.snowflake.staging``) and published by the
     task on the Airflow worker (``hooks.snowflake``)."""
 
     destination: str  # "database.schema.table"
@@ -462,7 +545,7 @@ class StageSpec:
     storage: dict[str, Any] = field(default_factory=dict, repr=False)  # object-store options (secrets)
     tuning: dict[str, Any] = field(default_factory=dict)  # runtime.runner.DEFAULT_TUNING overrides
     output_uri: str | None = None  # the task's staging prefix (extract, transform, quality)
-    source: dict[str, Any] | None = None  # extract: see runtime.sources
+    source: Source | None = None  # extract
     input: DatasetRef | None = None  # transform, quality, load
     steps: tuple[dict[str, Any], ...] = ()  # transform: see runtime.specs.STEP_FIELDS
     checks: tuple[dict[str, Any], ...] = ()  # quality: see runtime.check_kinds
@@ -481,7 +564,7 @@ class StageResult:
     """What a stage sends back: references and summaries, never rows.
 
     ``held`` marks a PostgreSQL load published in a transaction left open on the cluster: the
-    task commits it through ``RayHook.commit_stage`` once it holds this result."""
+    task commits it through ``RayHook.commit_held_load`` once it holds this result."""
 
     stage: str
     metrics: Metrics

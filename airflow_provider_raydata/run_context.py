@@ -11,12 +11,14 @@ from typing import Any
 
 from airflow.utils.state import TaskInstanceState
 
+from airflow_provider_raydata.contracts import IncrementalWindow
+
 log = logging.getLogger(__name__)
 ACTIVE_STATES = ["queued", "running"]
 RUN_ID_BATCH = 50  # run ids per count request: they travel in the API call's query string
 
 
-def incremental_window(spec: dict[str, Any], context, task_id: str) -> dict[str, Any]:
+def incremental_window(spec: dict[str, Any], context, task_id: str) -> IncrementalWindow:
     """The incremental window ``[start, end)`` of this run, as ISO timestamps (None: open)."""
     from airflow.sdk.exceptions import AirflowFailException
 
@@ -44,13 +46,13 @@ def incremental_window(spec: dict[str, Any], context, task_id: str) -> dict[str,
         where = spec["watermark"]
         start = postgres_watermark(where["postgres_conn_id"], where["table"], where.get("column", spec["column"]))
         end = None
-    window = {
-        "column": spec["column"],
-        "start": start.isoformat() if start is not None else None,
-        "end": end.isoformat() if end is not None else None,
-        "partitioned": bool(spec.get("partitioned")),
-    }
-    log.info("Incremental (%s): %s from %s to %s", mode, window["column"], window["start"], window["end"])
+    window = IncrementalWindow(
+        column=spec["column"],
+        start=start.isoformat() if start is not None else None,
+        end=end.isoformat() if end is not None else None,
+        partitioned=bool(spec.get("partitioned")),
+    )
+    log.info("Incremental (%s): %s from %s to %s", mode, window.column, window.start, window.end)
     return window
 
 

@@ -58,6 +58,7 @@ import pyarrow.dataset as pads  # noqa: E402
 import pyarrow.fs as pafs  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
+from airflow_provider_raydata.contracts import IncrementalWindow  # noqa: E402
 from airflow_provider_raydata.operators import RayDataExtractOperator, RayDataLoadOperator  # noqa: E402
 from airflow_provider_raydata.runtime.postgres.common import LEDGER, pg_type  # noqa: E402
 from airflow_provider_raydata.runtime.sources import in_window_partitions  # noqa: E402
@@ -399,7 +400,7 @@ def lake_files(root: str, partitioning: pads.Partitioning) -> int:
 def files_read(history: History, day: date) -> dict[str, int]:
     """The landing files (and rows) the payments extract reads for ``day``: its window's partitions."""
     start, end = interval(day)
-    window = {"column": "updated_date", "start": start.isoformat(), "end": end.isoformat(), "partitioned": True}
+    window = IncrementalWindow("updated_date", start.isoformat(), end.isoformat(), partitioned=True)
     every = expand(pafs.LocalFileSystem(), str(history.landing), (".parquet",))
     chosen = in_window_partitions(every, window)
     return {

@@ -7,9 +7,9 @@ masker so that the task log redacts them even if user code prints them.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import replace
 
-from airflow_provider_raydata.contracts import CONNECTION_KEYS, Destination
+from airflow_provider_raydata.contracts import Destination, Source
 from airflow_provider_raydata.hooks.bigquery import bigquery_params
 from airflow_provider_raydata.hooks.postgres import postgres_params
 from airflow_provider_raydata.hooks.snowflake import snowflake_params
@@ -17,15 +17,11 @@ from airflow_provider_raydata.hooks.snowflake import snowflake_params
 RESOLVERS = {"postgres": postgres_params, "snowflake": snowflake_params, "bigquery": bigquery_params}
 
 
-def resolve_connection(spec: dict[str, Any]) -> dict[str, Any]:
-    """A source dict with its ``*_conn_id`` replaced by connection parameters (``conn``)."""
-    kind = spec.get("kind")
-    if kind not in CONNECTION_KEYS:
-        return spec
-    key, default = CONNECTION_KEYS[kind]
-    resolved = {k: v for k, v in spec.items() if k != key}
-    resolved["conn"] = RESOLVERS[kind](spec.get(key) or default)
-    return resolved
+def resolve_source(source: Source) -> Source:
+    """A source with the parameters of its Airflow connection (``Source.conn``)."""
+    if source.kind not in RESOLVERS:
+        return source
+    return replace(source, conn=RESOLVERS[source.kind](source.default_conn_id))
 
 
 def resolve_destination(destination: Destination) -> Destination:

@@ -53,7 +53,7 @@ class ClusterSettings:
         return self.address is None
 
     @property
-    def where(self) -> str:
+    def label(self) -> str:
         return self.address or "embedded local Ray"
 
 
@@ -118,7 +118,7 @@ class RayHook(BaseHook):
                 import ray
 
                 cpus = ray.cluster_resources().get("CPU", 0)
-            return True, f"Connected to {self.settings.where} ({cpus:g} CPUs)"
+            return True, f"Connected to {self.settings.label} ({cpus:g} CPUs)"
         except Exception as exc:
             return False, str(exc)
 
@@ -206,20 +206,20 @@ class RayHook(BaseHook):
             except FutureTimeout:
                 self.cancel()
                 drop_client_session()
-                raise AirflowException(f"Stage did not finish within {timeout}s on {self.settings.where}") from None
+                raise AirflowException(f"Stage did not finish within {timeout}s on {self.settings.label}") from None
             except RayTaskError as exc:
-                self.log.error("Stage failed on %s:\n%s", self.settings.where, exc)
-                raise failure(exc)(f"Stage failed on {self.settings.where}: {root_cause(exc)}") from None
+                self.log.error("Stage failed on %s:\n%s", self.settings.label, exc)
+                raise failure(exc)(f"Stage failed on {self.settings.label}: {root_cause(exc)}") from None
             except (RayError, ConnectionError) as exc:
                 drop_client_session()  # a dropped connection: the next stage starts a new session
                 raise AirflowException(
-                    f"Lost the stage on {self.settings.where}: {type(exc).__name__}: {exc}"
+                    f"Lost the stage on {self.settings.label}: {type(exc).__name__}: {exc}"
                 ) from None
             finally:
                 waiter.shutdown(wait=False)
                 self._running = None
 
-    def commit_stage(self, commit: bool = True) -> None:
+    def commit_held_load(self, commit: bool = True) -> None:
         """Commit (or roll back) the transaction the last stage, a load, left open on the cluster."""
         import ray
         from ray.exceptions import RayError, RayTaskError
@@ -232,17 +232,17 @@ class RayHook(BaseHook):
                 done = ray.get(self._executor.commit.remote(self._stage_id, commit), timeout=CANCEL_TIMEOUT)
         except RayTaskError as exc:  # the COMMIT itself failed (a deferred constraint, ...)
             raise failure(exc)(
-                f"Committing the load on {self.settings.where} failed, nothing published: {root_cause(exc)}"
+                f"Committing the load on {self.settings.label} failed, nothing published: {root_cause(exc)}"
             ) from None
         except (RayError, ConnectionError) as exc:
             drop_client_session()
             raise AirflowException(
-                f"Lost {self.settings.where} while committing the load ({type(exc).__name__}: {exc}); the retry "
+                f"Lost {self.settings.label} while committing the load ({type(exc).__name__}: {exc}); the retry "
                 "finds it published or not (an append already published is skipped, never loaded twice)"
             ) from None
         if commit and not done:
             raise AirflowException(
-                f"The load on {self.settings.where} was rolled back before this task could commit it (it waited"
+                f"The load on {self.settings.label} was rolled back before this task could commit it (it waited"
                 " longer than the executor's commit wait, or a newer try of this task replaced it): nothing was"
                 " published"
             )
@@ -278,7 +278,7 @@ class RayHook(BaseHook):
             runtime_env=self.settings.runtime_env or None,
             metadata={"purpose": "airflow-provider-raydata stage executor"},
         )
-        self.log.info("Started the stage executor service job %s on %s", job_id, self.settings.where)
+        self.log.info("Started the stage executor service job %s on %s", job_id, self.settings.label)
         deadline = time.monotonic() + max(self.connect_timeout, 60)
         while time.monotonic() < deadline:
             try:
@@ -287,11 +287,11 @@ class RayHook(BaseHook):
                 status = client.get_job_status(job_id)
                 if status.is_terminal():
                     raise AirflowException(
-                        f"The stage executor job {job_id} on {self.settings.where} ended ({status}): "
+                        f"The stage executor job {job_id} on {self.settings.label} ended ({status}): "
                         f"{client.get_job_logs(job_id)[-2000:]}"
                     ) from None
                 time.sleep(0.5)
-        raise AirflowException(f"The stage executor job {job_id} on {self.settings.where} did not start in time")
+        raise AirflowException(f"The stage executor job {job_id} on {self.settings.label} did not start in time")
 
     def cancel(self) -> None:
         """Cancel the running stage (``on_kill``, ``stage_timeout``): the executor cancels the
@@ -305,7 +305,7 @@ class RayHook(BaseHook):
         self.log.warning(
             "Cancelled stage %s on %s (%s)",
             self._stage_id,
-            self.settings.where,
+            self.settings.label,
             "stopped" if stopped else "it had already ended",
         )
 

@@ -22,16 +22,18 @@ from airflow_provider_raydata.contracts import (
     DataError,
     DatasetRef,
     Destination,
+    IncrementalWindow,
     LoadResult,
     Metrics,
     ProducedBy,
+    Source,
     StageResult,
     StageSpec,
     XCom,
     is_data_error,
 )
 from airflow_provider_raydata.hooks.bigquery import load_bigquery
-from airflow_provider_raydata.hooks.connections import resolve_connection, resolve_destination
+from airflow_provider_raydata.hooks.connections import resolve_destination, resolve_source
 from airflow_provider_raydata.hooks.postgres import sweep_postgres
 from airflow_provider_raydata.hooks.ray import RayHook
 from airflow_provider_raydata.hooks.snowflake import publish_snowflake
@@ -149,18 +151,18 @@ class RayDataBaseOperator(BaseOperator):
             **self.stage_fields(context),
         )
         ti.xcom_push(key=XCom.DASHBOARD_URL, value=self.hook.settings.dashboard_url or "")
-        self.log.info("Running %s stage on %s", self.stage, self.hook.settings.where)
+        self.log.info("Running %s stage on %s", self.stage, self.hook.settings.label)
         result = self.hook.run_stage(spec, timeout=self.stage_timeout)
         try:
-            return self._finish_stage(context, result)
+            return self._after_stage(context, result)
         except BaseException:
             try:
-                self.hook.commit_stage(commit=False)  # a load held open on the cluster: roll it back now
+                self.hook.commit_held_load(commit=False)  # a load held open on the cluster: roll it back now
             except Exception as exc:  # its own wait on the cluster rolls it back anyway
                 self.log.warning("Could not roll back the load's transaction now: %s", exc)
             raise
 
-    def _finish_stage(self, context, result: StageResult) -> Any:
+    def _after_stage(self, context, result: StageResult) -> Any:
         metrics = result.metrics
         self.log.info(
             "%s stage: rows in %s, rows out %s, %.2fs on the cluster",
@@ -254,16 +256,26 @@ class RayDataExtractOperator(RayDataBaseOperator):
             validate_steps([{"op": "cast", "columns": cast}])
         if incremental and "{{" not in str(incremental.get("mode")):
             check_incremental(incremental, self.task_id)
+        self.source_spec()  # checked at parse time (templated values again once rendered)
+
+    def source_spec(self) -> Source:
+        """The source as declared (``contracts.Source``); a problem names this task."""
+        options = {"format": self.format, "columns": self.columns, "filter": self.filter, "cast": self.cast}
+        try:
+            return Source.from_user(self.source, **options)
+        except DataError as exc:
+            raise DataError(f"{self.task_id}: {exc}") from None
 
     def stage_fields(self, context) -> dict[str, Any]:
-        source = dict(self.source) if isinstance(self.source, dict) else {"kind": "files", "path": self.source}
-        options = {"format": self.format, "columns": self.columns, "filter": self.filter, "cast": self.cast}
-        source.update({k: v for k, v in options.items() if v is not None})
+        try:
+            source = self.source_spec()
+        except DataError as exc:
+            raise AirflowFailException(str(exc)) from None
         if self.incremental:
-            source["window"] = self.window(context)
-        return {"source": resolve_connection(source)}
+            source = replace(source, window=self.window(context))
+        return {"source": resolve_source(source)}
 
-    def window(self, context) -> dict[str, Any]:
+    def window(self, context) -> IncrementalWindow:
         """The incremental window ``[start, end)`` of this run (``run_context.incremental_window``)."""
         return incremental_window(self.incremental or {}, context, self.task_id)
 
@@ -482,7 +494,7 @@ class RayDataLoadOperator(RayDataBaseOperator):
 
     def handle_result(self, context, result: StageResult) -> Any:
         if result.held:  # PostgreSQL: published on the cluster, committed now
-            self.hook.commit_stage()
+            self.hook.commit_held_load()
             load = result.load
         elif result.staged is not None:  # Snowflake: staged on the cluster, published here in one transaction
             destination = self.destination_spec()
@@ -597,7 +609,7 @@ class RayDataStagingCleanupOperator(RayDataBaseOperator):
             cleanup=request,
         )
         ti.xcom_push(key=XCom.DASHBOARD_URL, value=self.hook.settings.dashboard_url or "")
-        self.log.info("Listing staging older than %s days on %s", days, self.hook.settings.where)
+        self.log.info("Listing staging older than %s days on %s", days, self.hook.settings.label)
         listed_runs = self.hook.run_stage(spec, timeout=self.stage_timeout)
         summary, seconds = listed_runs.cleanup, listed_runs.metrics.seconds
         candidates = [entry for entry in summary["removed"] if entry["kind"] == "run"]

@@ -57,7 +57,7 @@ class CheckKind:
     aliases: tuple[tuple[str, str], ...] = ()  # (field, comparator): fields that stand for comparators
     column_types: tuple[str, ...] = ()  # type classes the checked column must have (types.type_class)
 
-    def validate(self, check: dict[str, Any], where: str) -> None:
+    def validate(self, check: dict[str, Any], label: str) -> None:
         """Raise ValueError on what is wrong with this kind's own fields (runtime.specs checks
         the shared rules: required and unknown fields, comparators, column names)."""
 
@@ -187,9 +187,9 @@ class Unique(DistinctCount):
     default = {"equal_to": 0}
     unit = " duplicates"
 
-    def validate(self, check: dict[str, Any], where: str) -> None:
+    def validate(self, check: dict[str, Any], label: str) -> None:
         if ("column" in check) == ("columns" in check):
-            raise ValueError(f"{where}: give 'column' or 'columns' (a composite key), one of them")
+            raise ValueError(f"{label}: give 'column' or 'columns' (a composite key), one of them")
 
     def merge(self, parts: list, check: dict[str, Any]) -> Measured:
         return Measured(sum(p[0] for p in parts) - count_distinct_keys([p[1] for p in parts]))
@@ -265,9 +265,9 @@ class Schema(SchemaKind):
     required = ("columns",)
     optional = ("allow_extra",)
 
-    def validate(self, check: dict[str, Any], where: str) -> None:
+    def validate(self, check: dict[str, Any], label: str) -> None:
         if not isinstance(check["columns"], dict) or not check["columns"]:
-            raise ValueError(f"{where}: 'columns' must map column names to Arrow types")
+            raise ValueError(f"{label}: 'columns' must map column names to Arrow types")
         for type_name in check["columns"].values():
             arrow_type(type_name)
 
@@ -308,9 +308,9 @@ class NotNull(RowKind):
 class AcceptedValues(RowKind):
     required = ("column", "values")
 
-    def validate(self, check: dict[str, Any], where: str) -> None:
+    def validate(self, check: dict[str, Any], label: str) -> None:
         if not isinstance(check["values"], (list, tuple)):
-            raise ValueError(f"{where}: 'values' must be a list")
+            raise ValueError(f"{label}: 'values' must be a list")
 
     def passes(self, table: pa.Table, check: dict[str, Any], keys: pa.Array | None) -> pa.Array:
         column = table.column(check["column"])
@@ -338,11 +338,11 @@ class Range(RowKind):
     optional = ("min", "max")
     column_types = ("number", "time", "string")
 
-    def validate(self, check: dict[str, Any], where: str) -> None:
+    def validate(self, check: dict[str, Any], label: str) -> None:
         if "min" not in check and "max" not in check:
-            raise ValueError(f"{where} needs 'min', 'max' or both")
+            raise ValueError(f"{label} needs 'min', 'max' or both")
         if _is_number(check.get("min")) and _is_number(check.get("max")) and check["min"] > check["max"]:
-            raise ValueError(f"{where}: 'min' {check['min']} is above 'max' {check['max']}")
+            raise ValueError(f"{label}: 'min' {check['min']} is above 'max' {check['max']}")
 
     def values(self, column: pa.ChunkedArray) -> pa.ChunkedArray:
         return column
@@ -391,9 +391,9 @@ class Custom(RowKind):
     optional = ("columns", "batch_format", "fn_kwargs")
     on_values = False
 
-    def validate(self, check: dict[str, Any], where: str) -> None:
+    def validate(self, check: dict[str, Any], label: str) -> None:
         if not (callable(check["fn"]) or ":" in str(check["fn"])):
-            raise ValueError(f"{where}: 'fn' must be a callable or 'package.module:function'")
+            raise ValueError(f"{label}: 'fn' must be a callable or 'package.module:function'")
 
     def reads_every_column(self, check: dict[str, Any]) -> bool:
         return "columns" not in check

@@ -133,11 +133,11 @@ def _key_sets(
     return {name: ray.get(k) if isinstance(k, ray.ObjectRef) else k for name, k in keys.items()}
 
 
-def in_scope(table: pa.Table, where: str | None) -> pa.Array | None:
+def in_scope(table: pa.Table, label: str | None) -> pa.Array | None:
     """Rows a check's ``where`` selects (a null result selects nothing), or None for all rows."""
-    if not where:
+    if not label:
         return None
-    return pc.fill_null(evaluate_expression(table, where), False)
+    return pc.fill_null(evaluate_expression(table, label), False)
 
 
 def row_failures(

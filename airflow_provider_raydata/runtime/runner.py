@@ -81,9 +81,9 @@ def run_stage(spec: StageSpec) -> StageResult:
         )
     destination = spec.destination
     if destination.kind == "snowflake":  # staged here, published by the task (hooks.snowflake)
-        from .snowflake.stage import stage_load  # the Snowflake connector is an optional extra
+        from .snowflake.staging import copy_to_staging  # the Snowflake connector is an optional extra
 
-        plan = stage_load(ds, destination, spec.load_id)
+        plan = copy_to_staging(ds, destination, spec.load_id)
         return StageResult(spec.stage, metrics(source.num_rows, plan.rows_written), input=source, staged=plan)
     if destination.kind == "parquet":
         load = write_lake(ds, destination, spec.storage, spec.load_id)

@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray.data
 
-from ..contracts import DatasetRef
+from ..contracts import DatasetRef, IncrementalWindow, Source
 from . import refs
 from .expressions import columns_in, compile_expression
 from .storage import expand, filesystem_for
@@ -32,32 +32,30 @@ FORMATS: dict[str, tuple[Callable[..., ray.data.Dataset], tuple[str, ...]]] = {
 }
 
 
-def read_source(source: dict[str, Any], storage: dict | None) -> ray.data.Dataset:
-    kind = source.get("kind", "files")
-    if kind not in READERS:
-        raise ValueError(f"Unknown source kind {kind!r}; known kinds: {', '.join(READERS)}")
-    ds = READERS[kind](source, storage)
-    if kind == "files":
+def read_source(source: Source, storage: dict | None) -> ray.data.Dataset:
+    ds = READERS[source.kind](source, storage)
+    if source.kind == "files":
         return ds
-    shape = {"casts": source.get("cast") or {}, "row_filter": source.get("filter"), "columns": source.get("columns")}
-    if kind != "postgres" and source.get("window"):  # PostgreSQL applies the window in its query
-        shape["window"] = source["window"]
+    columns = list(source.columns) if source.columns else None
+    shape = {"casts": source.cast, "row_filter": source.filter, "columns": columns}
+    if source.kind != "postgres" and source.window:  # PostgreSQL applies the window in its query
+        shape["window"] = source.window
     if not any(shape.values()):
         return ds
     return ds.map_batches(shape_batch, batch_format="pyarrow", batch_size=None, zero_copy_batch=True, fn_kwargs=shape)
 
 
-def read_files(source: dict[str, Any], storage: dict | None) -> ray.data.Dataset:
-    paths = source["path"] if isinstance(source["path"], list) else [source["path"]]
-    fmt = source.get("format") or _infer_format(paths[0])
+def read_files(source: Source, storage: dict | None) -> ray.data.Dataset:
+    paths = source.paths
+    fmt = source.format or _infer_format(paths[0])
     if fmt not in FORMATS:
         raise ValueError(f"Unknown file format {fmt!r}; use one of {', '.join(FORMATS)}")
     reader, extensions = FORMATS[fmt]
     fs, _ = filesystem_for(paths[0], storage)
     all_files = [f for uri in paths for f in expand(fs, filesystem_for(uri, storage)[1], extensions)]
-    window = source.get("window")
-    files = in_window_partitions(all_files, window) if window and window.get("partitioned") else all_files
-    columns, row_filter = source.get("columns"), source.get("filter")
+    window = source.window
+    files = in_window_partitions(all_files, window) if window and window.partitioned else all_files
+    columns, row_filter = list(source.columns) if source.columns else None, source.filter
     kwargs: dict[str, Any] = {"filesystem": fs}
     if fmt == "parquet":
         needed = list(columns or []) + sorted(columns_in(row_filter) if row_filter else [])
@@ -68,7 +66,7 @@ def read_files(source: dict[str, Any], storage: dict | None) -> ray.data.Dataset
         if not files:  # no partition in this window: an empty increment, with the source's schema
             return ray.data.from_arrow(schema.empty_table().select(columns or schema.names))
     ds = reader(files, **kwargs)
-    shape = {"casts": source.get("cast") or {}, "row_filter": row_filter, "columns": columns, "window": window}
+    shape = {"casts": source.cast, "row_filter": row_filter, "columns": columns, "window": window}
     return ds.map_batches(shape_batch, batch_format="pyarrow", batch_size=None, zero_copy_batch=True, fn_kwargs=shape)
 
 
@@ -103,10 +101,10 @@ def check_parquet_files(fs, files: list[str], columns: list[str] | None) -> pa.S
     return first
 
 
-def in_window_partitions(files: list[str], window: dict[str, Any]) -> list[str]:
+def in_window_partitions(files: list[str], window: IncrementalWindow) -> list[str]:
     """Files of the date partitions (``.../{column}=YYYY-MM-DD/...``) that overlap the window."""
-    start, end = _bound(window.get("start")), _bound(window.get("end"))
-    marker = f"{window['column']}="
+    start, end = _bound(window.start), _bound(window.end)
+    marker = f"{window.column}="
     chosen = []
     for path in files:
         segment = next((part for part in path.split("/") if part.startswith(marker)), None)
@@ -119,13 +117,13 @@ def in_window_partitions(files: list[str], window: dict[str, Any]) -> list[str]:
     return chosen
 
 
-def window_filter(table: pa.Table, window: dict[str, Any]) -> pa.Table:
+def window_filter(table: pa.Table, window: IncrementalWindow) -> pa.Table:
     """Rows with ``start <= column < end`` (either bound may be open)."""
-    column = window["column"]
+    column = window.column
     check_columns([column], table.schema.names, "incremental window")
     kind = table.schema.field(column).type
     condition = None
-    for bound, compare in ((window.get("start"), pc.greater_equal), (window.get("end"), pc.less)):
+    for bound, compare in ((window.start, pc.greater_equal), (window.end, pc.less)):
         if bound is None:
             continue
         value = _bound(bound) if pa.types.is_timestamp(kind) or pa.types.is_date(kind) else bound
@@ -146,12 +144,12 @@ def _bound(value: str | None) -> datetime | None:
 
 
 def shape_batch(
-    table: pa.Table, casts: dict, row_filter: str | None, columns: list | None, window: dict | None = None
+    table: pa.Table, casts: dict, row_filter: str | None, columns: list | None, window: IncrementalWindow | None = None
 ) -> pa.Table:
     """Cast, filter and project one batch (one fused step after the read)."""
     check_columns(casts, table.schema.names, "cast")
     table = cast_columns(table, casts)
-    if window and not window.get("partitioned"):
+    if window and not window.partitioned:
         table = window_filter(table, window)
     if row_filter:
         table = table.filter(compile_expression(row_filter, table.schema))
@@ -175,25 +173,25 @@ def _infer_format(path: str) -> str:
     return "parquet"
 
 
-def read_postgres(source: dict[str, Any], storage: dict | None) -> ray.data.Dataset:
+def read_postgres(source: Source, storage: dict | None) -> ray.data.Dataset:
     from .postgres.read import read_postgres as read  # psycopg is an optional extra
 
     return read(source, storage)
 
 
-def read_snowflake(source: dict[str, Any], storage: dict | None) -> ray.data.Dataset:
+def read_snowflake(source: Source, storage: dict | None) -> ray.data.Dataset:
     from .snowflake.read import read_snowflake as read  # the Snowflake connector is an optional extra
 
     return read(source, storage)
 
 
-def read_bigquery(source: dict[str, Any], storage: dict | None) -> ray.data.Dataset:
+def read_bigquery(source: Source, storage: dict | None) -> ray.data.Dataset:
     from .bigquery.read import read_bigquery as read  # google-cloud-bigquery is an optional extra
 
     return read(source, storage)
 
 
-READERS: dict[str, Callable[[dict[str, Any], dict | None], ray.data.Dataset]] = {
+READERS: dict[str, Callable[[Source, dict | None], ray.data.Dataset]] = {
     "files": read_files,
     "postgres": read_postgres,
     "snowflake": read_snowflake,

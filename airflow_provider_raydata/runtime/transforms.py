@@ -65,12 +65,12 @@ def apply_steps(
     schema = ds.schema()
     columns: list[str] | None = schema.names if schema is not None else None  # unknown after map_batches
     for index, step in enumerate(steps, 1):
-        where = f"step {index} ({step['op']})"
-        ds, columns = APPLY[step["op"]](ds, step, columns, where, storage, rows_hint)
+        label = f"step {index} ({step['op']})"
+        ds, columns = APPLY[step["op"]](ds, step, columns, label, storage, rows_hint)
     return ds
 
 
-def _map_batches(ds, step, columns, where, storage, rows_hint=None):
+def _map_batches(ds, step, columns, label, storage, rows_hint=None):
     options = {k: step[k] for k in MAP_BATCHES_OPTIONS if step.get(k) is not None}
     options.setdefault("batch_format", "pandas")
     fn = resolve_callable(step["fn"])
@@ -79,41 +79,41 @@ def _map_batches(ds, step, columns, where, storage, rows_hint=None):
     return ds.map_batches(fn, **options), None
 
 
-def _select(ds, step, columns, where, storage, rows_hint=None):
+def _select(ds, step, columns, label, storage, rows_hint=None):
     if columns is not None:
-        check_columns(step["columns"], columns, where)
+        check_columns(step["columns"], columns, label)
     return ds.select_columns(list(step["columns"])), list(step["columns"])
 
 
-def _rename(ds, step, columns, where, storage, rows_hint=None):
+def _rename(ds, step, columns, label, storage, rows_hint=None):
     mapping = step["columns"]
     if columns is not None:
-        check_columns(mapping, columns, where)
+        check_columns(mapping, columns, label)
         columns = [mapping.get(c, c) for c in columns]
     return ds.rename_columns(mapping), columns
 
 
-def _cast(ds, step, columns, where, storage, rows_hint=None):
+def _cast(ds, step, columns, label, storage, rows_hint=None):
     if columns is not None:
-        check_columns(step["columns"], columns, where)
+        check_columns(step["columns"], columns, label)
     return _arrow_map(ds, cast_columns, casts=step["columns"]), columns
 
 
-def _filter(ds, step, columns, where, storage, rows_hint=None):
-    return _arrow_map(ds, filter_batch, expr=step["expr"], where=where), columns
+def _filter(ds, step, columns, label, storage, rows_hint=None):
+    return _arrow_map(ds, filter_batch, expr=step["expr"], label=label), columns
 
 
-def filter_batch(table: pa.Table, expr: str, where: str) -> pa.Table:
+def filter_batch(table: pa.Table, expr: str, label: str) -> pa.Table:
     try:
         return table.filter(compile_expression(expr, table.schema))
     except ValueError as exc:
-        raise ValueError(f"{where}: {exc}") from None
+        raise ValueError(f"{label}: {exc}") from None
 
 
-def _drop_duplicates(ds, step, columns, where, storage, rows_hint=None):
+def _drop_duplicates(ds, step, columns, label, storage, rows_hint=None):
     keys, order_by = list(step["keys"]), step.get("order_by")
     if columns is not None:
-        check_columns(keys + ([order_by] if order_by else []), columns, where)
+        check_columns(keys + ([order_by] if order_by else []), columns, label)
     return (
         ds.groupby(keys).map_groups(
             keep_one_row, batch_format="pyarrow", fn_kwargs={"order_by": order_by, "keep": step.get("keep")}
@@ -128,15 +128,15 @@ def keep_one_row(group: pa.Table, order_by: str | None, keep: str | None) -> pa.
     return group.slice(group.num_rows - 1 if keep == "last" else 0, 1)
 
 
-def _join(ds, step, columns, where, storage, rows_hint=None):
-    right, meta = read_ref(DatasetRef.parse(step["right"], f"{where} 'right'"), storage)
+def _join(ds, step, columns, label, storage, rows_hint=None):
+    right, meta = read_ref(DatasetRef.parse(step["right"], f"{label} 'right'"), storage)
     on = list(step["on"])
     right_on = list(step.get("right_on") or on)
     how = step.get("how", "inner")
     right_columns = list(meta.schema or right.schema().names)
     if columns is not None:
-        check_columns(on, columns, where)
-    check_columns(right_on, right_columns, f"{where}, right side {meta.uri}")
+        check_columns(on, columns, label)
+    check_columns(right_on, right_columns, f"{label}, right side {meta.uri}")
     collide = columns is not None and bool((set(columns) - set(on)) & (set(right_columns) - set(right_on)))
     suffix = "_right" if collide or columns is None else None
     out_columns = None
@@ -148,7 +148,7 @@ def _join(ds, step, columns, where, storage, rows_hint=None):
         broadcast = how in ARROW_JOIN_TYPES and (meta.size_bytes or math.inf) <= BROADCAST_JOIN_MAX_BYTES
     if broadcast:
         if how not in ARROW_JOIN_TYPES:
-            raise ValueError(f"{where}: a broadcast join supports only inner and left joins, not {how!r}")
+            raise ValueError(f"{label}: a broadcast join supports only inner and left joins, not {how!r}")
         table = pa.concat_tables(ray.get(right.to_arrow_refs()))
         options = {"right": ray.put(table), "on": on, "right_on": right_on, "how": ARROW_JOIN_TYPES[how]}
         return ds.map_batches(
@@ -184,14 +184,14 @@ def broadcast_join(table: pa.Table, right, on, right_on, how, suffix) -> pa.Tabl
     return table.join(right_table, keys=on, right_keys=right_on, join_type=how, right_suffix=suffix, coalesce_keys=True)
 
 
-def _aggregate(ds, step, columns, where, storage, rows_hint=None):
+def _aggregate(ds, step, columns, label, storage, rows_hint=None):
     by = list(step.get("by") or [])
     aggs = []
     for name, spec in step["aggs"].items():
         fn, *args = spec if isinstance(spec, (list, tuple)) else [spec]
         aggs.append((name, fn, args[0] if args else None))
     if columns is not None:
-        check_columns(by + [c for _, _, c in aggs if c], columns, where)
+        check_columns(by + [c for _, _, c in aggs if c], columns, label)
     out_columns = by + [name for name, _, _ in aggs]
     # Two phases: every block is pre-aggregated with pyarrow (vectorised, no shuffle) and the
     # far smaller partials are merged here. Ray's groupby (a shuffle with Python accumulators

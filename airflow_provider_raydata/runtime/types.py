@@ -36,10 +36,10 @@ def cast_columns(table: pa.Table, casts: dict[str, str]) -> pa.Table:
     return table if target.equals(table.schema) else table.cast(target)
 
 
-def check_columns(wanted, available, where: str) -> None:
+def check_columns(wanted, available, label: str) -> None:
     missing = [c for c in wanted if c not in available]
     if missing:
-        raise ValueError(f"Unknown column {missing[0]!r} in {where}; available columns: {', '.join(available)}")
+        raise ValueError(f"Unknown column {missing[0]!r} in {label}; available columns: {', '.join(available)}")
 
 
 def repeated_key(table: pa.Table, keys: list[str]) -> str | None:

@@ -184,13 +184,13 @@ def test_a_load_is_published_only_when_its_task_commits(ray_head, pg, tmp_path, 
     pg.conn.execute("CREATE TABLE facts (id bigint, value bigint, label text)")
     ref = committed_ref(tmp_path / "ref", 1000)
     seen = []
-    commit = RayHook.commit_stage
+    commit = RayHook.commit_held_load
 
     def observed_commit(hook, commit_it: bool = True) -> None:
         seen.append(pg.conn.execute("SELECT count(*) FROM facts").fetchone()[0])
         commit(hook, commit_it)
 
-    monkeypatch.setattr(RayHook, "commit_stage", observed_commit)
+    monkeypatch.setattr(RayHook, "commit_held_load", observed_commit)
     destination = {"kind": "postgres", "postgres_conn_id": pg.conn_id, "table": "facts"}
     op = RayDataLoadOperator(task_id="load", input=ref, destination=destination, mode="append")
     run_operator(op, run_id="run-1")
@@ -201,7 +201,7 @@ def test_a_load_is_published_only_when_its_task_commits(ray_head, pg, tmp_path, 
         hook.cancel()  # what on_kill does when the task is marked failed at this moment
         commit(hook, commit_it)
 
-    monkeypatch.setattr(RayHook, "commit_stage", killed_before_commit)
+    monkeypatch.setattr(RayHook, "commit_held_load", killed_before_commit)
     op = RayDataLoadOperator(task_id="load", input=ref, destination=destination, mode="append")
     with pytest.raises(AirflowException, match="rolled back before this task could commit it"):
         run_operator(op, run_id="run-2")

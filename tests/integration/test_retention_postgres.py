@@ -1,5 +1,5 @@
 """Orphaned PostgreSQL staging tables: noted at creation, swept by age, never while in use.
-Real PostgreSQL and Ray head (``stage_load``'s COPY tasks run on it)."""
+Real PostgreSQL and Ray head (``copy_to_staging``'s COPY tasks run on it)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from airflow_provider_raydata.contracts import Destination
 from airflow_provider_raydata.hooks.postgres import sweep_postgres
 from airflow_provider_raydata.hooks.ray import RayHook
 from airflow_provider_raydata.runtime.postgres.publish import publish
-from airflow_provider_raydata.runtime.postgres.stage import stage_load
+from airflow_provider_raydata.runtime.postgres.staging import copy_to_staging
 from airflow_provider_raydata.runtime.postgres.sweep import drop_orphaned_staging_tables
 
 pytestmark = pytest.mark.integration
@@ -24,7 +25,7 @@ WEEK = timedelta(days=7)
 
 @pytest.fixture
 def committed(tmp_path):
-    """A committed dataset's Parquet files: what ``stage_load`` copies."""
+    """A committed dataset's Parquet files: what ``copy_to_staging`` copies."""
     rows = pa.table({"id": pa.array([1, 2, 3], pa.int64()), "label": ["a", "b", "c"]})
     pq.write_table(rows, tmp_path / "part-0.parquet")
     return str(tmp_path)
@@ -36,7 +37,7 @@ def tables(pg, schema: str = "public") -> set[str]:
 
 
 def staging_table(pg, name: str, created_days_ago: float | None, schema: str = "public") -> None:
-    """A staging table as ``stage_load`` leaves it; without a creation note when days is None."""
+    """A staging table as ``copy_to_staging`` leaves it; without a creation note when days is None."""
     pg.conn.execute(f'CREATE TABLE {schema}."{name}" (id bigint)')
     if created_days_ago is not None:
         created = datetime.now(UTC) - timedelta(days=created_days_ago)
@@ -44,15 +45,19 @@ def staging_table(pg, name: str, created_days_ago: float | None, schema: str = "
         pg.conn.execute(f"COMMENT ON TABLE {schema}.\"{name}\" IS '{note}'")
 
 
+def postgres_destination(pg, options: dict) -> Destination:
+    return Destination.from_user({"kind": "postgres", **options}).with_conn(pg.params)
+
+
 def comment(pg, table: str) -> str | None:
     return pg.conn.execute("SELECT obj_description(to_regclass(%s), 'pg_class')", [table]).fetchone()[0]
 
 
-def test_stage_load_notes_creation_time_and_publish_keeps_the_targets_comment(pg, ray_conn, committed):
-    destination = {"conn": pg.params, "table": "public.facts", "mode": "overwrite"}
-    with RayHook().connect():  # stage_load's COPY tasks run on the cluster
-        plan = stage_load(committed, None, destination, "0123456789abcdef")
-        note = json.loads(comment(pg, plan["staging_table"]))
+def test_staging_notes_creation_time_and_publish_keeps_the_targets_comment(pg, ray_conn, committed):
+    destination = postgres_destination(pg, {"table": "public.facts", "mode": "overwrite"})
+    with RayHook().connect():  # copy_to_staging's COPY tasks run on the cluster
+        plan = copy_to_staging(committed, None, destination, "0123456789abcdef")
+        note = json.loads(comment(pg, plan.staging_table))
         assert note["load_id"] == "0123456789abcdef" and note["raydata_staging"] is True
         assert abs(datetime.fromisoformat(note["created_at"]) - datetime.now(UTC)) < timedelta(minutes=1)
         with pg.conn.transaction():
@@ -60,13 +65,13 @@ def test_stage_load_notes_creation_time_and_publish_keeps_the_targets_comment(pg
         assert comment(pg, "facts") is None  # a new target does not inherit the staging note
 
         pg.conn.execute("COMMENT ON TABLE facts IS 'daily facts'")
-        again = stage_load(committed, None, destination, "0123456789abcdef")
+        again = copy_to_staging(committed, None, destination, "0123456789abcdef")
         with pg.conn.transaction():
             publish(pg.conn, again)  # swapped in
         assert comment(pg, "facts") == "daily facts"
         assert pg.conn.execute("SELECT count(*) FROM facts").fetchone()[0] == 3
-        appended = {"conn": pg.params, "table": "public.log", "mode": "append"}
-        log = stage_load(committed, None, appended, "fedcba9876543210")
+        appended = postgres_destination(pg, {"table": "public.log", "mode": "append"})
+        log = copy_to_staging(committed, None, appended, "fedcba9876543210")
         with pg.conn.transaction():
             publish(pg.conn, log)  # creates the table from the Arrow schema
         assert comment(pg, "log") is None

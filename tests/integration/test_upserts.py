@@ -11,11 +11,12 @@ import pyarrow.dataset as pads
 import pytest
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
-from airflow_provider_raydata.contracts import ProducedBy
+from airflow_provider_raydata.contracts import Destination, ProducedBy
 from airflow_provider_raydata.hooks.ray import RayHook
 from airflow_provider_raydata.operators import RayDataLoadOperator
 from airflow_provider_raydata.runtime import refs
-from airflow_provider_raydata.runtime.postgres import publish, stage_load
+from airflow_provider_raydata.runtime.postgres.publish import publish
+from airflow_provider_raydata.runtime.postgres.staging import copy_to_staging
 from tests.helpers import run_operator, staging_tables
 
 pytestmark = pytest.mark.integration
@@ -141,13 +142,14 @@ def test_postgres_first_upsert_is_swapped_in_and_a_table_filled_meanwhile_is_mer
 
     # Staged as a first load, but another writer fills the table before the publish: the
     # staged rows are upserted into it, and the other writer's rows stay.
-    with RayHook().connect():  # stage_load's COPY tasks run on the cluster
+    with RayHook().connect():  # copy_to_staging's COPY tasks run on the cluster
         for table, made_meanwhile in (("raced", False), ("late", True)):
             if not made_meanwhile:
                 pg.conn.execute(f"CREATE TABLE {table} (LIKE keyed INCLUDING ALL)")
-            plan = stage_load(older["uri"], None, {"conn": pg.params, "table": table, "mode": "upsert",
-                                                   "keys": ["id"]}, "0123456789abcdef")  # fmt: skip
-            assert plan["first_load"]
+            options = {"kind": "postgres", "table": table, "mode": "upsert", "keys": ["id"]}
+            destination = Destination.from_user(options).with_conn(pg.params)
+            plan = copy_to_staging(older["uri"], None, destination, "0123456789abcdef")
+            assert plan.first_load
             if made_meanwhile:
                 pg.conn.execute(f"CREATE TABLE {table} (LIKE keyed INCLUDING ALL)")
             pg.conn.execute(f"INSERT INTO {table} VALUES (1, 1, 'outside', 0, false), (99, 0, 'outside', 0, false)")

@@ -1,11 +1,13 @@
 """Bad specs fail when the DAG is parsed, before anything reaches a cluster."""
 
+from dataclasses import asdict
 from types import SimpleNamespace
 
 import pytest
 from airflow.sdk.exceptions import AirflowFailException
 
 from airflow_provider_raydata import get_provider_info
+from airflow_provider_raydata.contracts import Source
 from airflow_provider_raydata.operators import (
     RayDataExtractOperator,
     RayDataQualityOperator,
@@ -139,7 +141,9 @@ def test_quality_spec_carries_run_context():
 def test_extract_builds_a_file_source_spec():
     op = RayDataExtractOperator(task_id="e", source="s3://raw/{{ ds }}/*.csv", columns=["a"], filter="a > 1")
     assert op.stage_fields({}) == {
-        "source": {"kind": "files", "path": "s3://raw/{{ ds }}/*.csv", "columns": ["a"], "filter": "a > 1"}
+        "source": Source.from_user(
+            {"kind": "files", "path": "s3://raw/{{ ds }}/*.csv", "columns": ["a"], "filter": "a > 1"}
+        )
     }
     assert "source" in op.template_fields and "filter" in op.template_fields
 
@@ -208,7 +212,7 @@ def test_incremental_window_by_interval_watermark_fallback_and_empty_interval():
 
     op = RayDataExtractOperator(task_id="e", source="/tmp/x", incremental={"column": "updated_at"})
     day, next_day = datetime(2024, 1, 2, tzinfo=UTC), datetime(2024, 1, 3, tzinfo=UTC)
-    window = op.window({"data_interval_start": day, "data_interval_end": next_day})
+    window = asdict(op.window({"data_interval_start": day, "data_interval_end": next_day}))
     assert window == {
         "column": "updated_at",
         "start": "2024-01-02T00:00:00+00:00",

@@ -8,7 +8,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pytest
 
-from airflow_provider_raydata.hooks.connections import resolve_connection
+from airflow_provider_raydata.contracts import Source
+from airflow_provider_raydata.hooks.connections import resolve_source
 from airflow_provider_raydata.hooks.postgres import postgres_params
 from airflow_provider_raydata.hooks.storage import aws_storage_options
 from airflow_provider_raydata.operators import RayDataLoadOperator
@@ -45,10 +46,10 @@ def test_table_names_become_quoted_identifiers():
     hostile = 'x"; DROP TABLE victim; --'
     schema, table = table_parts(f"public.{hostile}")
     assert sql.Identifier(schema, table).as_string() == '"public"."x""; DROP TABLE victim; --"'
-    query, params = source_query({"table": "s.t"})
+    query, params = source_query(Source.from_user({"kind": "postgres", "table": "s.t"}))
     assert query == 'SELECT * FROM "s"."t"' and params is None
     with pytest.raises(ValueError, match="exactly one of 'query' or 'table'"):
-        source_query({"table": "t", "query": "SELECT 1"})
+        Source.from_user({"kind": "postgres", "table": "t", "query": "SELECT 1"})
 
 
 @pytest.mark.parametrize(
@@ -94,8 +95,9 @@ def test_postgres_connection_becomes_libpq_params(monkeypatch):
         "password": "pw-123",
         "sslmode": "require",
     }
-    spec = resolve_connection({"kind": "postgres", "postgres_conn_id": "wh", "table": "t"})
-    assert "postgres_conn_id" not in spec and spec["conn"]["host"] == "db.internal"
+    source = resolve_source(Source.from_user({"kind": "postgres", "postgres_conn_id": "wh", "table": "t"}))
+    assert source.conn_id == "wh" and source.conn["host"] == "db.internal"
+    assert "pw-123" not in repr(source)
 
 
 def test_aws_connection_gives_s3_options_for_s3_compatible_stores(monkeypatch):
@@ -132,7 +134,7 @@ def test_copy_shares_balance_files_and_split_a_single_file_by_row_groups(tmp_pat
     import pyarrow.fs as pafs
     import pyarrow.parquet as pq
 
-    from airflow_provider_raydata.runtime.postgres.stage import _shares
+    from airflow_provider_raydata.runtime.postgres.staging import _shares
     from airflow_provider_raydata.runtime.refs import data_files
 
     fs = pafs.LocalFileSystem()

@@ -13,7 +13,7 @@ import requests
 
 bigquery = pytest.importorskip("google.cloud.bigquery")
 
-from airflow_provider_raydata.contracts import DatasetRef, Destination  # noqa: E402
+from airflow_provider_raydata.contracts import DatasetRef, Destination, Source  # noqa: E402
 from airflow_provider_raydata.runtime.bigquery import common as bq_common  # noqa: E402
 from airflow_provider_raydata.runtime.bigquery import load as bq  # noqa: E402
 from airflow_provider_raydata.runtime.bigquery import read as bq_read  # noqa: E402
@@ -165,18 +165,20 @@ def test_bigquery_source_query_binds_typed_parameters():
     import datetime as dt
 
     http = FakeBigQueryHttp()
-    source = {"query": "SELECT * FROM sales.orders WHERE day = @day AND id IN UNNEST(@ids) AND name = @name"}
-    source["parameters"] = {"day": dt.date(2024, 1, 2), "ids": [1, 2], "name": "x'; DROP TABLE t; --"}
+    text = "SELECT * FROM sales.orders WHERE day = @day AND id IN UNNEST(@ids) AND name = @name"
+    parameters = {"day": dt.date(2024, 1, 2), "ids": [1, 2], "name": "x'; DROP TABLE t; --"}
+    source = Source.from_user({"kind": "bigquery", "query": text, "parameters": parameters})
     table = bq_read.run_query(client(http), source, "my-project")
     assert table == "my-project._anon.anon_result"
     query = http.posted()[0]["configuration"]["query"]
-    assert query["query"] == source["query"]  # the values never enter the SQL text
+    assert query["query"] == text  # the values never enter the SQL text
     assert {p["name"]: (p["parameterType"], p["parameterValue"]) for p in query["queryParameters"]} == {
         "day": ({"type": "DATE"}, {"value": "2024-01-02"}),
         "ids": ({"type": "ARRAY", "arrayType": {"type": "INT64"}}, {"arrayValues": [{"value": "1"}, {"value": "2"}]}),
         "name": ({"type": "STRING"}, {"value": "x'; DROP TABLE t; --"}),
     }
-    assert bq_read.run_query(client(http), {"table": "sales.orders"}, "my-project") == "my-project.sales.orders"
+    by_table = Source.from_user({"kind": "bigquery", "table": "sales.orders"})
+    assert bq_read.run_query(client(http), by_table, "my-project") == "my-project.sales.orders"
 
 
 @pytest.mark.parametrize(
@@ -197,7 +199,7 @@ def test_identifiers_are_quoted():
 
 
 def test_validation_and_connections_resolve_to_plain_parameters(monkeypatch):
-    from airflow_provider_raydata.hooks.connections import resolve_connection
+    from airflow_provider_raydata.hooks.connections import resolve_source
     from airflow_provider_raydata.operators import RayDataLoadOperator
 
     with pytest.raises(ValueError, match="replace_partition needs 'partition'"):
@@ -214,9 +216,9 @@ def test_validation_and_connections_resolve_to_plain_parameters(monkeypatch):
     extra = {"account": "acme-xy123", "database": "DB", "warehouse": "WH", "protocol": "http", "port": 8080}
     connection = {"conn_type": "snowflake", "login": "etl", "password": "s3cret-pw", "schema": "PUBLIC", "extra": extra}
     monkeypatch.setenv("AIRFLOW_CONN_SF_UNIT", json.dumps(connection))
-    spec = resolve_connection({"kind": "snowflake", "snowflake_conn_id": "sf_unit", "table": "t"})
-    assert "snowflake_conn_id" not in spec and spec["table"] == "t"
-    conn = spec["conn"]
+    source = resolve_source(Source.from_user({"kind": "snowflake", "snowflake_conn_id": "sf_unit", "table": "t"}))
+    assert source.conn_id == "sf_unit" and source.table == "t"
+    conn = source.conn
     assert (conn["account"], conn["user"], conn["password"], conn["database"]) == (
         "acme-xy123",
         "etl",

@@ -7,6 +7,7 @@ from typing import Any
 import pyarrow as pa
 from ray.data.datasource import Datasource, ReadTask
 
+from ...contracts import Source
 from .common import _read_client, clients, table_parts
 
 
@@ -39,28 +40,26 @@ def query_parameters(parameters: dict[str, Any] | list | None) -> list:
     return [typed(None, value) for value in parameters or []]
 
 
-def run_query(client, source: dict[str, Any], default_project: str | None) -> str:
+def run_query(client, source: Source, default_project: str | None) -> str:
     """The table to read: the source's table, or the result table of its query job."""
     from google.cloud import bigquery
 
-    if bool(source.get("query")) == bool(source.get("table")):
-        raise ValueError("A BigQuery source needs exactly one of 'query' or 'table'")
-    if source.get("table"):
-        return ".".join(table_parts(source["table"], default_project))
-    config = bigquery.QueryJobConfig(query_parameters=query_parameters(source.get("parameters")))
-    job = client.query(source["query"], job_config=config, location=source.get("location"))
+    if source.table:
+        return ".".join(table_parts(source.table, default_project))
+    config = bigquery.QueryJobConfig(query_parameters=query_parameters(source.parameters))
+    job = client.query(source.query, job_config=config, location=source.location)
     job.result()
     return f"{job.destination.project}.{job.destination.dataset_id}.{job.destination.table_id}"
 
 
-def read_bigquery(source: dict[str, Any], storage: dict | None):
+def read_bigquery(source: Source, storage: dict | None):
     import ray
     import ray.data
     from google.cloud import bigquery_storage
 
-    conn = source["conn"]
+    conn = source.conn
     project, dataset, table = run_query(clients(conn), source, conn.get("project")).split(".")
-    streams = int(source.get("num_streams") or max(2, ray.cluster_resources().get("CPU", 2)))
+    streams = int(source.num_streams or max(2, ray.cluster_resources().get("CPU", 2)))
     session = _read_client(conn["token"]).create_read_session(
         parent=f"projects/{conn['project']}",
         read_session=bigquery_storage.types.ReadSession(

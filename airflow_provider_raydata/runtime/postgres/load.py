@@ -12,7 +12,7 @@ from collections.abc import Callable
 from ...contracts import Destination, LoadResult
 from .common import connect, drop_staging_tables
 from .publish import publish
-from .stage import stage_load
+from .staging import copy_to_staging
 
 # Keepalives: a backend whose stage process vanished with its node ends its transaction too.
 KEEPALIVES = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3}
@@ -31,7 +31,7 @@ def load_held(
     conn = connect({**destination.conn, **KEEPALIVES})  # not autocommit: statements open a transaction
     plan = None
     try:
-        plan = stage_load(uri, storage, destination, load_id)
+        plan = copy_to_staging(uri, storage, destination, load_id)
         # PostgreSQL itself ends the transaction if no commit comes (held locks stay bounded).
         conn.execute(f"SET LOCAL idle_in_transaction_session_timeout = '{IDLE_IN_TRANSACTION_SECONDS}s'")
         result = publish(conn, plan, storage)

@@ -15,7 +15,7 @@ from psycopg import errors, sql
 from ...contracts import LoadResult, PostgresPlan
 from ..storage import filesystem_for
 from .common import LEDGER, STAGING_PREFIX, definition, ensure_ledger, has_rows, idents, named_duplicates, table_columns
-from .stage import copy_files
+from .staging import copy_files
 from .upsert import check_conflict_target, on_conflict, still_first_load, upsert_rows
 
 

@@ -8,6 +8,7 @@ from typing import Any
 import pyarrow as pa
 from psycopg import sql
 
+from ...contracts import Source
 from .common import connect, table_parts
 
 ARROW_FOR_PG = {
@@ -26,41 +27,39 @@ ARROW_FOR_PG = {
 }
 
 
-def read_postgres(source: dict[str, Any], storage: dict | None):
+def read_postgres(source: Source, storage: dict | None):
     import ray
     import ray.data
 
     query, params = source_query(source)
-    conn_params = source["conn"]
+    conn_params = source.conn
     schema, text_oids = describe_query(conn_params, query, params)
-    key = source.get("shard_key")
+    key = source.shard_key
     kwargs: dict[str, Any] = {"sql_params": params, "override_num_blocks": 1}
     if key:
         # Ray's default MD5 shard hash fails on PostgreSQL. The cast to int8 keeps
         # ABS() from overflowing on hashtext's minimum value; Ray wraps this as HASH_FN(KEYS).
         ident = sql.Identifier(key).as_string()
         kwargs.update(shard_keys=[f"hashtext({ident}::text)::int8"], shard_hash_fn="")
-        kwargs["override_num_blocks"] = int(source.get("num_shards") or max(2, ray.cluster_resources().get("CPU", 2)))
+        kwargs["override_num_blocks"] = int(source.num_shards or max(2, ray.cluster_resources().get("CPU", 2)))
     ds = ray.data.read_sql(query, _ConnectionFactory(conn_params, text_oids), **kwargs)
     empty = ray.data.from_arrow(schema.empty_table())  # keeps the schema when no row matches
     return empty.union(ds.map_batches(_conform, fn_kwargs={"schema": schema}, batch_format="pyarrow", batch_size=None))
 
 
-def source_query(source: dict[str, Any]) -> tuple[str, Any]:
+def source_query(source: Source) -> tuple[str, Any]:
     """The query text and its bound parameters; a ``table`` becomes a quoted SELECT. An incremental
     ``window`` wraps it in ``WHERE start <= column < end``, its bounds bound as parameters too."""
-    if bool(source.get("query")) == bool(source.get("table")):
-        raise ValueError("A PostgreSQL source needs exactly one of 'query' or 'table'")
-    if source.get("table"):
-        schema, table = table_parts(source["table"])
+    if source.table:
+        schema, table = table_parts(source.table)
         query, params = sql.SQL("SELECT * FROM {}").format(sql.Identifier(schema, table)).as_string(), None
     else:
-        query, params = source["query"], source.get("parameters") or None
-    window = source.get("window")
+        query, params = source.query, source.parameters or None
+    window = source.window
     if not window:
         return query, params
-    column = sql.Identifier(window["column"]).as_string()
-    bounds = [(op, window[name]) for name, op in (("start", ">="), ("end", "<")) if window.get(name) is not None]
+    column = sql.Identifier(window.column).as_string()
+    bounds = [(op, value) for value, op in ((window.start, ">="), (window.end, "<")) if value is not None]
     if not bounds:
         return query, params
     if isinstance(params, dict):

@@ -22,7 +22,7 @@ def drop_orphaned_staging_tables(
 ) -> list[str]:
     """Drop staging tables that killed loads left behind; return their ``schema.table`` names.
 
-    A staging table is old when the creation time ``stage_load`` noted in its comment is before
+    A staging table is old when the creation time ``copy_to_staging`` noted in its comment is before
     ``now() - older_than`` (database clock); a table without that note (made before notes
     existed, or a retired ``_raydata_old_*`` table) counts as old. Either way it is dropped only
     if no other session holds any lock on it: ``LOCK TABLE ... NOWAIT`` fails on a table that a

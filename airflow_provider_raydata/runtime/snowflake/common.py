@@ -8,7 +8,7 @@ from typing import Any
 LEDGER = "_raydata_loads"
 
 
-STAGE = "_raydata_stage"
+INTERNAL_STAGE = "_raydata_stage"
 
 
 STAGING_PREFIX = "_raydata_"

@@ -8,6 +8,7 @@ from typing import Any
 import pyarrow as pa
 from ray.data.datasource import Datasource, ReadTask
 
+from ...contracts import Source
 from .common import connect, qualified, table_parts
 
 
@@ -30,22 +31,20 @@ def arrow_type(column) -> pa.DataType:
     }.get(name, pa.string())  # TEXT, and VARIANT/OBJECT/ARRAY as their JSON text
 
 
-def source_query(source: dict[str, Any]) -> tuple[str, Any, str]:
+def source_query(source: Source) -> tuple[str, Any, str]:
     """(query, parameters, paramstyle): a list binds ``?`` server-side; a dict binds
     ``%(name)s`` in the connector (escaped); a ``table`` becomes a quoted SELECT."""
-    if bool(source.get("query")) == bool(source.get("table")):
-        raise ValueError("A Snowflake source needs exactly one of 'query' or 'table'")
-    if source.get("table"):
-        return f"SELECT * FROM {qualified(*table_parts(source['table'], source['conn']))}", None, "qmark"
-    params = source.get("parameters")
-    return source["query"], params or None, "pyformat" if isinstance(params, dict) else "qmark"
+    if source.table:
+        return f"SELECT * FROM {qualified(*table_parts(source.table, source.conn))}", None, "qmark"
+    params = source.parameters
+    return source.query, params or None, "pyformat" if isinstance(params, dict) else "qmark"
 
 
-def read_snowflake(source: dict[str, Any], storage: dict | None):
+def read_snowflake(source: Source, storage: dict | None):
     import ray.data
 
     query, params, paramstyle = source_query(source)
-    with connect(source["conn"], paramstyle) as conn, conn.cursor() as cur:
+    with connect(source.conn, paramstyle) as conn, conn.cursor() as cur:
         cur.execute(query, params)
         schema = pa.schema([pa.field(c.name, arrow_type(c)) for c in cur.description])
         batches = [b for b in cur.get_result_batches() or [] if b.rowcount]

@@ -44,7 +44,7 @@ DIRECT_MODES = ("append", "replace_partition")
 COPY_BATCH_ROWS = 262_144  # CSV-encoded per chunk; smaller chunks cost more per row
 
 
-def stage_load(uri: str, storage: dict | None, destination: Destination, load_id: str) -> PostgresPlan:
+def copy_to_staging(uri: str, storage: dict | None, destination: Destination, load_id: str) -> PostgresPlan:
     """Check the load against the target and return the plan for ``publish``. For overwrite and
     upsert, first COPY the committed Parquet dataset at ``uri`` into a new staging table in
     parallel; append and replace_partition COPY inside the publish transaction instead."""

@@ -15,7 +15,7 @@ from ray.data.datasource import Datasink
 
 from ...contracts import DataError, Destination, SnowflakePlan
 from .common import (
-    STAGE,
+    INTERNAL_STAGE,
     STAGING_PREFIX,
     column_list,
     connect,
@@ -54,7 +54,7 @@ def sf_type(field: pa.Field) -> str:
     raise ValueError(f"Column {field.name!r}: Arrow type {t} has no Snowflake mapping; cast it first")
 
 
-def stage_load(ds, destination: Destination, load_id: str) -> SnowflakePlan:
+def copy_to_staging(ds, destination: Destination, load_id: str) -> SnowflakePlan:
     """PUT the dataset as Parquet files on an internal stage and COPY them into a staging table."""
     params = destination.conn
     database, schema, table = table_parts(destination.table, params)
@@ -67,7 +67,7 @@ def stage_load(ds, destination: Destination, load_id: str) -> SnowflakePlan:
     token = uuid.uuid4().hex[:8]
     staging_name = f"{STAGING_PREFIX}{load_id}_{token}"
     staging, target = qualified(database, schema, staging_name), qualified(database, schema, table)
-    stage_path = f"@{qualified(database, schema, STAGE)}/{load_id}/{token}/"
+    stage_path = f"@{qualified(database, schema, INTERNAL_STAGE)}/{load_id}/{token}/"
     with connect(params) as conn, conn.cursor() as cur:
         drop_staging_tables(cur, database, schema, load_id)
         existing = table_columns(cur, database, schema, table)
@@ -81,9 +81,9 @@ def stage_load(ds, destination: Destination, load_id: str) -> SnowflakePlan:
         else:
             definition = ", ".join(f"{quote(f.name)} {sf_type(f)}" for f in arrow_schema)
             cur.execute(f"CREATE TRANSIENT TABLE {staging} ({definition})")
-        cur.execute(f"CREATE STAGE IF NOT EXISTS {qualified(database, schema, STAGE)}")
+        cur.execute(f"CREATE STAGE IF NOT EXISTS {qualified(database, schema, INTERNAL_STAGE)}")
         try:
-            ds.write_datasink(SnowflakeStageSink(params, stage_path))
+            ds.write_datasink(InternalStageSink(params, stage_path))
             cur.execute(
                 f"COPY INTO {staging} FROM {stage_path} FILE_FORMAT = (TYPE = PARQUET USE_LOGICAL_TYPE = TRUE)"
                 " MATCH_BY_COLUMN_NAME = CASE_INSENSITIVE PURGE = TRUE"
@@ -108,7 +108,7 @@ def stage_load(ds, destination: Destination, load_id: str) -> SnowflakePlan:
     )
 
 
-class SnowflakeStageSink(Datasink):
+class InternalStageSink(Datasink):
     """A Ray Data sink: each write task PUTs its blocks as Parquet files on the load's stage folder."""
 
     def __init__(self, conn_params: dict[str, Any], stage_path: str):
@@ -116,7 +116,7 @@ class SnowflakeStageSink(Datasink):
         self.stage_path = stage_path
 
     def __repr__(self) -> str:  # never show the parameters
-        return f"SnowflakeStageSink({self.stage_path})"
+        return f"InternalStageSink({self.stage_path})"
 
     def get_name(self) -> str:
         return "SnowflakeStage"
