@@ -114,7 +114,7 @@ def _chain(exc: BaseException):
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         yield exc
-        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
+        exc = getattr(exc, "cause", None) or exc.__cause__
 
 
 # --- dataset references: the XCom payload ------------------------------------------------------

@@ -1,3 +1,5 @@
+"""The Ray Data operators (Airflow worker)."""
+
 from airflow_provider_raydata.operators.raydata import (
     RayDataExtractOperator,
     RayDataLoadOperator,

@@ -77,7 +77,10 @@ def plain_input(value: Any, name: str = "input") -> dict[str, Any] | str:
 
 
 def parse_input(value: Any, name: str = "input") -> DatasetRef:
-    return DatasetRef.parse(plain_input(value, name), name)
+    try:
+        return DatasetRef.parse(plain_input(value, name), name)
+    except DataError as exc:  # not a reference: a retry would not make it one
+        raise AirflowFailException(str(exc)) from None
 
 
 class RayDataBaseOperator(BaseOperator):
@@ -382,7 +385,7 @@ class RayDataQualityOperator(RayDataBaseOperator):
         except ValueError as exc:
             raise AirflowFailException(f"{self.task_id}: {exc}") from None
         return {
-            "input": DatasetRef.parse(source),
+            "input": parse_input(source),
             "checks": tuple(checks),
             "score_threshold": self.score_threshold,
         }

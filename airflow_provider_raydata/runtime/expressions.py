@@ -118,6 +118,3 @@ class _Compiler:
             left = right
         return result
 
-
-def filter_table(table: pa.Table, expression: str) -> pa.Table:
-    return table.filter(compile_expression(expression, table.schema))

@@ -44,14 +44,16 @@ def test_an_attempt_without_marker_is_never_read(tmp_path):
 
 
 def test_the_runtime_imports_without_airflow():
-    """The cluster may not have Airflow: block it and import every runtime module."""
+    """The cluster may not have Airflow: block it and import every runtime module (and the contracts)."""
     import subprocess
     import sys
 
     code = (
         "import sys; sys.modules['airflow'] = None\n"
-        "import importlib, pkgutil, airflow_provider_raydata.runtime as rt\n"
-        "for m in pkgutil.iter_modules(rt.__path__): importlib.import_module(f'{rt.__name__}.{m.name}')\n"
+        "import importlib, pkgutil, airflow_provider_raydata.runtime as rt, airflow_provider_raydata.contracts\n"
+        "found = [m.name for m in pkgutil.walk_packages(rt.__path__, f'{rt.__name__}.')]\n"
+        "assert 'airflow_provider_raydata.runtime.postgres.upsert' in found, found  # subpackages too\n"
+        "for name in found: importlib.import_module(name)\n"
         "print('ok')\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
