@@ -117,4 +117,3 @@ class _Compiler:
             result = term if result is None else result & term
             left = right
         return result
-

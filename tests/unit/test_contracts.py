@@ -78,7 +78,9 @@ def test_dataset_references_from_what_users_pass():
 
 def test_tuning_keys_are_checked_at_parse_time():
     validate_tuning({"parquet_footer_actors": 2, "shuffle_strategy": "hash_shuffle"})
-    with pytest.raises(ValueError, match="Unknown tuning key 'parquet_footer_actor'; known keys: parquet_footer_actors"):
+    with pytest.raises(
+        ValueError, match="Unknown tuning key 'parquet_footer_actor'; known keys: parquet_footer_actors"
+    ):
         validate_tuning({"parquet_footer_actor": 2})
     with pytest.raises(ValueError, match="tuning 'min_rows_per_file' must be int"):
         validate_tuning({"min_rows_per_file": "many"})
