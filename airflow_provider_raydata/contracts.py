@@ -157,7 +157,8 @@ class DatasetRef:
         data = {k: v for k, v in value.items() if k in known}  # older markers may carry more
         if not data.get("uri"):
             raise DataError(f"Not a dataset reference (no 'uri'): {dict(value)!r}")
-        data["produced_by"] = ProducedBy(**(data.get("produced_by") or {}))
+        produced_by = data.get("produced_by") or {}
+        data["produced_by"] = ProducedBy(**{k: v for k, v in produced_by.items() if k in ProducedBy.__annotations__})
         return cls(**data)
 
     @classmethod
@@ -534,6 +535,55 @@ class CleanupRequest:
 
 
 @dataclass(frozen=True)
+class CleanupEntry:
+    """A directory that staging retention removed (or would remove) or kept."""
+
+    kind: Literal["run", "attempt", "lake_staging"]
+    path: str  # a URI under the staging area or a lake
+    files: int
+    bytes: int
+    newest: str | None  # the newest file's time (ISO)
+    run: str | None = None  # "dag/run" directory, relative to the staging root
+    dag_id: str | None = None  # from the run's _SUCCESS markers (run entries)
+    run_id: str | None = None  # None: nothing committed there, so no real run id
+    reason: str | None = None  # why a run was kept
+
+
+@dataclass(frozen=True)
+class CleanupSummary:
+    """What one retention pass did (``runtime.retention.clean_staging``)."""
+
+    staging_uri: str
+    now: str  # the pass's clock (ISO); a removal pass reuses its listing pass's
+    cutoff: str
+    older_than_days: float
+    dry_run: bool
+    removed: tuple[CleanupEntry, ...]
+    kept: tuple[CleanupEntry, ...]
+    recent_runs: int
+    errors: tuple[tuple[str, str], ...]  # (path, error)
+
+    def count(self, kind: str) -> int:
+        return sum(entry.kind == kind for entry in self.removed)
+
+    @property
+    def bytes_removed(self) -> int:
+        return sum(entry.bytes for entry in self.removed)
+
+    @property
+    def files_removed(self) -> int:
+        return sum(entry.files for entry in self.removed)
+
+    def to_dict(self, most: int | None = None) -> dict[str, Any]:
+        """As XCom shows it; ``most`` caps the entry lists (a sweep may remove thousands)."""
+        plain = to_plain(self)
+        plain["removed"], plain["kept"] = plain["removed"][:most], plain["kept"][:most]
+        plain["errors"] = [{"path": path, "error": error} for path, error in self.errors]
+        counts = {kind: self.count(kind) for kind in ("run", "attempt", "lake_staging") if self.count(kind)}
+        return {**plain, "counts": counts, "bytes_removed": self.bytes_removed, "files_removed": self.files_removed}
+
+
+@dataclass(frozen=True)
 class StageSpec:
     """One stage, as the operator hands it to the cluster. Plain, picklable data: user functions
     travel as callables (pickled by value) or ``"package.module:function"`` references."""
@@ -574,5 +624,5 @@ class StageResult:
     quarantine: DatasetRef | None = None  # quality
     load: LoadResult | None = None
     staged: SnowflakePlan | None = None  # a Snowflake load for the task to publish
-    cleanup: dict[str, Any] | None = None  # runtime.retention.clean_staging's summary
+    cleanup: CleanupSummary | None = None
     held: bool = False

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from airflow_provider_raydata.contracts import CleanupSummary
+
 LOGGED_PATHS = 50  # paths listed in the task log (and in the cleanup's returned summary: 2x)
 
 
@@ -45,26 +47,23 @@ def listed(names: list[str], most: int = 10) -> str:
     return f"{len(names)}: {', '.join(names[: most // 2])}, ..., {', '.join(names[-most // 2 :])}"
 
 
-def format_cleanup(summary: dict[str, Any], tables: dict[str, list[str]]) -> str:
+def format_cleanup(summary: CleanupSummary, tables: dict[str, list[str]]) -> str:
     """The cleanup summary for the task log."""
-    verb = "Would remove" if summary["dry_run"] else "Removed"
-    counts = summary.get("counts") or {}
-    active = [e for e in summary["kept"] if e.get("reason") == "active"]
+    verb = "Would remove" if summary.dry_run else "Removed"
+    active = [e for e in summary.kept if e.reason == "active"]
     lines = [
-        f"Staging retention on {summary['staging_uri']} (older than {summary['older_than_days']} days, before "
-        f"{summary['cutoff']}): {verb.lower()} {counts.get('run', 0)} runs, {counts.get('attempt', 0)} "
-        f"uncommitted attempts, {counts.get('lake_staging', 0)} lake staging directories "
-        f"({summary['files_removed']} files, {summary['bytes_removed'] / 1e6:.1f} MB); kept {len(active)} old "
-        f"runs that are active, {len(summary['kept']) - len(active)} other old runs, "
-        f"{summary['recent_runs']} recent runs",
+        f"Staging retention on {summary.staging_uri} (older than {summary.older_than_days} days, before "
+        f"{summary.cutoff}): {verb.lower()} {summary.count('run')} runs, {summary.count('attempt')} "
+        f"uncommitted attempts, {summary.count('lake_staging')} lake staging directories "
+        f"({summary.files_removed} files, {summary.bytes_removed / 1e6:.1f} MB); kept {len(active)} old "
+        f"runs that are active, {len(summary.kept) - len(active)} other old runs, "
+        f"{summary.recent_runs} recent runs",
     ]
-    lines += [
-        f"  {verb} {e['kind']} {e['path']} (newest file {e['newest']})" for e in summary["removed"][:LOGGED_PATHS]
-    ]
-    lines += [f"  Kept {e['path']}: {e['reason']}" for e in summary["kept"][:LOGGED_PATHS]]
+    lines += [f"  {verb} {e.kind} {e.path} (newest file {e.newest})" for e in summary.removed[:LOGGED_PATHS]]
+    lines += [f"  Kept {e.path}: {e.reason}" for e in summary.kept[:LOGGED_PATHS]]
     for conn_id, names in tables.items():
         lines.append(
-            f"PostgreSQL {conn_id}: {'would drop' if summary['dry_run'] else 'dropped'} {len(names)} "
+            f"PostgreSQL {conn_id}: {'would drop' if summary.dry_run else 'dropped'} {len(names)} "
             f"orphaned staging tables{': ' + ', '.join(names) if names else ''}"
         )
     return "\n".join(lines)

@@ -11,7 +11,7 @@ from typing import Any
 
 from airflow.utils.state import TaskInstanceState
 
-from airflow_provider_raydata.contracts import IncrementalWindow
+from airflow_provider_raydata.contracts import CleanupEntry, IncrementalWindow
 
 log = logging.getLogger(__name__)
 ACTIVE_STATES = ["queued", "running"]
@@ -81,21 +81,21 @@ def previous_rows(ti) -> int | None:
     return rows
 
 
-def find_active_runs(candidates: list[dict[str, Any]], count_runs: Callable[..., int]) -> list[list[str]]:
-    """``[dag_id, run_id]`` of the candidate runs (``clean_staging`` run entries) that are queued
+def find_active_runs(candidates: list[CleanupEntry], count_runs: Callable[..., int]) -> list[list[str]]:
+    """``[dag_id, run_id]`` of the candidate runs (``clean_staging``'s run entries) that are queued
     or running; ``count_runs``: the Task SDK's ``get_dr_count``."""
-    by_dag: dict[str, list[dict[str, Any]]] = {}
+    by_dag: dict[str, list[CleanupEntry]] = {}
     for candidate in candidates:
-        by_dag.setdefault(candidate["dag_id"], []).append(candidate)
+        by_dag.setdefault(candidate.dag_id, []).append(candidate)
     active: list[list[str]] = []
     for dag_id, runs in sorted(by_dag.items()):
         if not count_runs(dag_id=dag_id, states=ACTIVE_STATES):
             continue  # the usual case: one request clears all of a DAG's old runs
-        known = sorted({run["run_id"] for run in runs if run["run_id"]})
+        known = sorted({run.run_id for run in runs if run.run_id})
         for start in range(0, len(known), RUN_ID_BATCH):
             batch = known[start : start + RUN_ID_BATCH]
             if count_runs(dag_id=dag_id, run_ids=batch, states=ACTIVE_STATES):
                 active += [[dag_id, r] for r in batch if count_runs(dag_id=dag_id, run_ids=[r], states=ACTIVE_STATES)]
         # Nothing committed: no real run id to ask about. Keep it while the DAG has active runs.
-        active += [[dag_id, run["run"].split("/")[1]] for run in runs if not run["run_id"]]
+        active += [[dag_id, run.run.split("/")[1]] for run in runs if not run.run_id]
     return active

@@ -615,27 +615,24 @@ class RayDataStagingCleanupOperator(RayDataBaseOperator):
         self.log.info("Listing staging older than %s days on %s", days, self.hook.settings.label)
         listed_runs = self.hook.run_stage(spec, timeout=self.stage_timeout)
         summary, seconds = listed_runs.cleanup, listed_runs.metrics.seconds
-        candidates = [entry for entry in summary["removed"] if entry["kind"] == "run"]
+        candidates = [entry for entry in summary.removed if entry.kind == "run"]
         active = find_active_runs(candidates, ti.get_dr_count)
-        if summary["removed"]:
+        if summary.removed:
             removal = replace(
                 request,
                 dry_run=dry_run,
                 active_runs=tuple(tuple(run) for run in active),
-                now=summary["now"],
-                candidates=tuple(c["run"] for c in candidates),
+                now=summary.now,
+                candidates=tuple(c.run for c in candidates),
             )
             cleaned = self.hook.run_stage(replace(spec, cleanup=removal), timeout=self.stage_timeout)
             summary, seconds = cleaned.cleanup, seconds + cleaned.metrics.seconds
         self.log.info("%s", format_cleanup(summary, tables))
         ti.xcom_push(key=XCom.METRICS, value=Metrics(None, None, round(seconds, 3)).to_dict())
-        errors += [f"{e['path']}: {e['error']}" for e in summary["errors"]]
+        errors += [f"{path}: {error}" for path, error in summary.errors]
         if errors:
             raise AirflowException(f"Staging cleanup: {len(errors)} errors: " + "; ".join(errors[:10]))
-        limit = 2 * LOGGED_PATHS
         return {
-            **{k: v for k, v in summary.items() if k not in ("removed", "kept")},
-            "removed": summary["removed"][:limit],
-            "kept": summary["kept"][:limit],
+            **summary.to_dict(most=2 * LOGGED_PATHS),
             "postgres_tables_dropped": tables,
         }

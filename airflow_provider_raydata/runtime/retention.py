@@ -13,12 +13,13 @@ from __future__ import annotations
 import json
 from collections.abc import Collection, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pyarrow.fs as pafs
 
+from ..contracts import CleanupEntry, CleanupSummary, DatasetRef
 from .lake import STAGING_DIR
 from .refs import ATTEMPT_PREFIX, QUARANTINE_DIR, SUCCESS, safe_segment
 from .storage import filesystem_for
@@ -69,7 +70,7 @@ def clean_staging(
     dry_run: bool = False,
     lake_paths: Iterable[str] = (),
     candidates: Collection[str] | None = None,
-) -> dict[str, Any]:
+) -> CleanupSummary:
     """Remove staging directories whose newest file is older than ``older_than_days``.
 
     ``active_runs``: ``[dag_id, run_id]`` pairs whose run directories are kept at any age;
@@ -86,57 +87,50 @@ def clean_staging(
     cutoff = (when - timedelta(days=older_than_days)).timestamp()
     active = {(str(d), str(r)) for d, r in active_runs}
     active_dirs = {(safe_segment(d), safe_segment(r)) for d, r in active}
-    summary: dict[str, Any] = {
-        "staging_uri": staging_uri,
-        "now": when.isoformat(),
-        "cutoff": datetime.fromtimestamp(cutoff, UTC).isoformat(),
-        "older_than_days": older_than_days,
-        "dry_run": dry_run,
-        "removed": [],
-        "kept": [],
-        "recent_runs": 0,
-        "errors": [],
-    }
+    kept: list[CleanupEntry] = []
+    recent_runs = 0
     fs, root = filesystem_for(staging_uri, storage)
     _check_root(root, staging_uri)
     runs = _list_runs(fs, root)
     old = {key: run for key, run in runs.items() if not run.foreign and run.older_than(cutoff)}
     producers = _read_producers(fs, old)
-    removals: list[tuple[dict, pafs.FileSystem]] = []
+    removals: list[tuple[CleanupEntry, str, pafs.FileSystem]] = []  # (entry, path in fs, fs)
     for key, run in sorted(runs.items()):
         rel = "/".join(key)
         ids = producers.get(key)
         if run.foreign:
-            summary["kept"].append(_entry("run", staging_uri, root, run, reason="foreign files (not a staging run)"))
+            kept.append(_entry("run", staging_uri, root, run, reason="foreign files (not a staging run)"))
             continue
         if key in old:
             # dag_id/run_id: the real ids for the caller to check (run_id None: nothing committed)
             dag_id, run_id = ids or (key[0], None)
             entry = _entry("run", staging_uri, root, run, run=rel, dag_id=dag_id, run_id=run_id)
             if ids in active or key in active_dirs:
-                summary["kept"].append({**entry, "reason": "active"})
+                kept.append(replace(entry, reason="active"))
             elif candidates is not None and rel not in candidates:
-                summary["kept"].append({**entry, "reason": "not checked against Airflow"})
+                kept.append(replace(entry, reason="not checked against Airflow"))
             else:
-                removals.append((entry, fs))
+                removals.append((entry, run.path, fs))
                 continue
         else:
-            summary["recent_runs"] += 1
+            recent_runs += 1
         for attempt in run.attempts.values():
             if not attempt.markers and attempt.older_than(cutoff):
-                removals.append((_entry("attempt", staging_uri, root, attempt, run=rel), fs))
+                removals.append((_entry("attempt", staging_uri, root, attempt, run=rel), attempt.path, fs))
     for lake in lake_paths:
         removals += _lake_leftovers(lake, storage, cutoff)
-    _remove(removals, summary, dry_run)
-    counts: dict[str, int] = {}
-    for entry in summary["removed"]:
-        counts[entry["kind"]] = counts.get(entry["kind"], 0) + 1
-    summary.update(
-        counts=counts,
-        bytes_removed=sum(e["bytes"] for e in summary["removed"]),
-        files_removed=sum(e["files"] for e in summary["removed"]),
+    removed, errors = _remove(removals, dry_run)
+    return CleanupSummary(
+        staging_uri=staging_uri,
+        now=when.isoformat(),
+        cutoff=datetime.fromtimestamp(cutoff, UTC).isoformat(),
+        older_than_days=older_than_days,
+        dry_run=dry_run,
+        removed=tuple(removed),
+        kept=tuple(kept),
+        recent_runs=recent_runs,
+        errors=tuple(errors),
     )
-    return summary
 
 
 def _as_datetime(now: datetime | str | None) -> datetime:
@@ -192,11 +186,11 @@ def _read_producers(fs: pafs.FileSystem, runs: dict[tuple[str, str], _Unit]) -> 
         for marker in run.markers:
             try:
                 with fs.open_input_stream(marker) as handle:
-                    produced_by = json.loads(handle.read()).get("produced_by") or {}
-            except (OSError, ValueError, AttributeError):
+                    produced_by = DatasetRef.from_dict(json.loads(handle.read())).produced_by
+            except (OSError, ValueError, TypeError, AttributeError):
                 continue  # vanished or unreadable: try another marker, else the directory names
-            if produced_by.get("dag_id") and produced_by.get("run_id"):
-                return str(produced_by["dag_id"]), str(produced_by["run_id"])
+            if produced_by.dag_id and produced_by.run_id:
+                return produced_by.dag_id, produced_by.run_id
         return None
 
     with ThreadPoolExecutor(THREADS) as pool:
@@ -204,7 +198,7 @@ def _read_producers(fs: pafs.FileSystem, runs: dict[tuple[str, str], _Unit]) -> 
     return {key: ids for key, ids in found.items() if ids}
 
 
-def _lake_leftovers(lake: str, storage: dict | None, cutoff: float) -> list[tuple[dict, pafs.FileSystem]]:
+def _lake_leftovers(lake: str, storage: dict | None, cutoff: float) -> list[tuple[CleanupEntry, str, pafs.FileSystem]]:
     """Old ``{lake}/_staging/*`` directories (killed loads); one listing per lake path."""
     fs, base = filesystem_for(lake, storage)
     _check_root(base, lake)
@@ -217,45 +211,42 @@ def _lake_leftovers(lake: str, storage: dict | None, cutoff: float) -> list[tupl
         units.setdefault(parts[0], _Unit(f"{root}/{parts[0]}")).add(info)
     uri_root = f"{lake.rstrip('/')}/{STAGING_DIR}"
     return [
-        (_entry("lake_staging", uri_root, root, unit), fs)
+        (_entry("lake_staging", uri_root, root, unit), unit.path, fs)
         for _, unit in sorted(units.items())
         if unit.older_than(cutoff)
     ]
 
 
-def _entry(kind: str, uri_root: str, root: str, unit: _Unit, **extra: Any) -> dict[str, Any]:
+def _entry(kind: str, uri_root: str, root: str, unit: _Unit, **extra: Any) -> CleanupEntry:
     newest = unit.newest if unit.files else unit.newest_dir
-    return {
-        "kind": kind,
-        "path": uri_root.rstrip("/") + unit.path[len(root) :],
-        "files": unit.files,
-        "bytes": unit.size,
-        "newest": None if newest is None else datetime.fromtimestamp(newest, UTC).isoformat(),
+    return CleanupEntry(
+        kind=kind,
+        path=uri_root.rstrip("/") + unit.path[len(root) :],
+        files=unit.files,
+        bytes=unit.size,
+        newest=None if newest is None else datetime.fromtimestamp(newest, UTC).isoformat(),
         **extra,
-        "_fs_path": unit.path,  # dropped before returning
-    }
+    )
 
 
-def _remove(removals: list[tuple[dict, pafs.FileSystem]], summary: dict, dry_run: bool) -> None:
-    def remove(entry: dict, fs: pafs.FileSystem) -> str | None:
+def _remove(
+    removals: list[tuple[CleanupEntry, str, pafs.FileSystem]], dry_run: bool
+) -> tuple[list[CleanupEntry], list[tuple[str, str]]]:
+    """Delete the directories (in parallel; none with ``dry_run``): what went, and (path, error) pairs."""
+
+    def remove(path: str, fs: pafs.FileSystem) -> str | None:
         try:
-            fs.delete_dir(entry["_fs_path"])
+            fs.delete_dir(path)
         except FileNotFoundError:
             pass  # gone meanwhile (a concurrent cleanup, or a commit dropping an older attempt)
         except OSError as exc:
             return f"{type(exc).__name__}: {exc}"
         return None
 
-    entries = [entry for entry, _ in removals]
-    errors: list[str | None] = [None] * len(entries)
+    outcomes: list[str | None] = [None] * len(removals)
     if not dry_run:
         with ThreadPoolExecutor(THREADS) as pool:
-            errors = list(pool.map(remove, entries, [fs for _, fs in removals]))
-    for entry, error in zip(entries, errors, strict=True):
-        entry.pop("_fs_path")
-        if error:
-            summary["errors"].append({"path": entry["path"], "error": error})
-        else:
-            summary["removed"].append(entry)
-    for entry in summary["kept"]:
-        entry.pop("_fs_path", None)
+            outcomes = list(pool.map(remove, [path for _, path, _ in removals], [fs for _, _, fs in removals]))
+    removed = [entry for (entry, _, _), error in zip(removals, outcomes, strict=True) if not error]
+    errors = [(entry.path, error) for (entry, _, _), error in zip(removals, outcomes, strict=True) if error]
+    return removed, errors

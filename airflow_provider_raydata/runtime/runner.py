@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from ray.data.context import DataContext, ShuffleStrategy
@@ -40,51 +41,58 @@ def configure(tuning: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def run_stage(spec: StageSpec) -> StageResult:
+    """Run one stage; its metrics' seconds cover the whole stage on the cluster."""
     started = time.perf_counter()
     settings = configure(spec.tuning)
-    storage = spec.storage
+    result = RUNNERS[spec.stage](spec, settings)
+    seconds = round(time.perf_counter() - started, 3)
+    return replace(result, metrics=replace(result.metrics, seconds=seconds))
 
-    def metrics(rows_in: int | None, rows_out: int | None) -> Metrics:
-        return Metrics(rows_in, rows_out, round(time.perf_counter() - started, 3))
 
-    if spec.stage == "cleanup":  # staging retention: no dataset, only a listing and deletes
-        c = spec.cleanup
-        summary = clean_staging(
-            c.staging_uri,
-            storage,
-            c.older_than_days,
-            c.active_runs,
-            now=c.now,
-            dry_run=c.dry_run,
-            lake_paths=c.lake_paths,
-            candidates=c.candidates,
-        )
-        return StageResult(spec.stage, metrics(None, None), cleanup=summary)
-    if spec.stage == "extract":
-        ds = read_source(spec.source, storage)
-        ref = write_output(ds, spec, settings["min_rows_per_file"])
-        return StageResult(spec.stage, metrics(None, ref.num_rows), ref=ref)
-    ds, source = read_ref(spec.input, storage)
-    if spec.stage == "transform":
-        ds = apply_steps(ds, spec.steps, storage, rows_hint=source.num_rows)
-        ref = write_output(ds, spec, settings["min_rows_per_file"])
-        return StageResult(spec.stage, metrics(source.num_rows, ref.num_rows), ref=ref, input=source)
-    if spec.stage == "quality":
-        report, ref, quarantine = run_quality(ds, source, spec, settings["min_rows_per_file"])
-        return StageResult(
-            spec.stage,
-            metrics(source.num_rows, ref.num_rows),
-            ref=ref,
-            input=source,
-            report=report,
-            quarantine=quarantine,
-        )
+def _cleanup(spec: StageSpec, settings: dict) -> StageResult:
+    """Staging retention: no dataset, only a listing and deletes."""
+    c = spec.cleanup
+    summary = clean_staging(
+        c.staging_uri,
+        spec.storage,
+        c.older_than_days,
+        c.active_runs,
+        now=c.now,
+        dry_run=c.dry_run,
+        lake_paths=c.lake_paths,
+        candidates=c.candidates,
+    )
+    return StageResult(spec.stage, Metrics(None, None, 0.0), cleanup=summary)
+
+
+def _extract(spec: StageSpec, settings: dict) -> StageResult:
+    ref = write_output(read_source(spec.source, spec.storage), spec, settings["min_rows_per_file"])
+    return StageResult(spec.stage, Metrics(None, ref.num_rows, 0.0), ref=ref)
+
+
+def _transform(spec: StageSpec, settings: dict) -> StageResult:
+    ds, source = read_ref(spec.input, spec.storage)
+    ds = apply_steps(ds, spec.steps, spec.storage, rows_hint=source.num_rows)
+    ref = write_output(ds, spec, settings["min_rows_per_file"])
+    return StageResult(spec.stage, Metrics(source.num_rows, ref.num_rows, 0.0), ref=ref, input=source)
+
+
+def _quality(spec: StageSpec, settings: dict) -> StageResult:
+    ds, source = read_ref(spec.input, spec.storage)
+    report, ref, quarantine = run_quality(ds, source, spec, settings["min_rows_per_file"])
+    metrics = Metrics(source.num_rows, ref.num_rows, 0.0)
+    return StageResult(spec.stage, metrics, ref=ref, input=source, report=report, quarantine=quarantine)
+
+
+def _load(spec: StageSpec, settings: dict) -> StageResult:
+    ds, source = read_ref(spec.input, spec.storage)
     destination = spec.destination
     if destination.kind == "snowflake":  # staged here, published by the task (hooks.snowflake)
         from .snowflake.staging import copy_to_staging  # the Snowflake connector is an optional extra
 
         plan = copy_to_staging(ds, destination, spec.load_id)
-        return StageResult(spec.stage, metrics(source.num_rows, plan.rows_written), input=source, staged=plan)
+        return StageResult(spec.stage, Metrics(source.num_rows, plan.rows_written, 0.0), input=source, staged=plan)
+    held = False
     if destination.kind == "parquet":
         load = write_lake(ds, destination, spec.storage, spec.load_id)
     elif destination.kind == "postgres":
@@ -93,10 +101,20 @@ def run_stage(spec: StageSpec) -> StageResult:
         # COPYs straight from the committed files (no Ray Data pipeline in between), published in
         # a transaction left open: the task commits it (commit_held_load) once it has this result.
         load, HELD_LOADS[spec.stage_id] = load_held(source.uri, spec.storage, destination, spec.load_id)
+        held = True
     else:  # BigQuery's load jobs read the committed files themselves (hooks.bigquery)
         raise DataError(f"A {destination.kind} load runs no stage on the cluster")
-    held = spec.stage_id in HELD_LOADS
-    return StageResult(spec.stage, metrics(source.num_rows, load.rows_written), input=source, load=load, held=held)
+    metrics = Metrics(source.num_rows, load.rows_written, 0.0)
+    return StageResult(spec.stage, metrics, input=source, load=load, held=held)
+
+
+RUNNERS: dict[str, Callable[[StageSpec, dict], StageResult]] = {
+    "extract": _extract,
+    "transform": _transform,
+    "quality": _quality,
+    "load": _load,
+    "cleanup": _cleanup,
+}
 
 
 def commit_held_load(stage_id: str, commit: bool) -> None:

@@ -8,7 +8,13 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from airflow_provider_raydata.runtime.retention import clean_staging
+from airflow_provider_raydata.runtime import retention
+
+
+def clean_staging(*args, **kwargs) -> dict:
+    """The summary as XCom shows it."""
+    return retention.clean_staging(*args, **kwargs).to_dict()
+
 
 pytestmark = pytest.mark.integration
 

@@ -10,8 +10,15 @@ from types import SimpleNamespace
 
 import pytest
 
+from airflow_provider_raydata.contracts import CleanupEntry
+from airflow_provider_raydata.runtime import retention
 from airflow_provider_raydata.runtime.refs import safe_segment
-from airflow_provider_raydata.runtime.retention import clean_staging
+
+
+def clean_staging(*args, **kwargs) -> dict:
+    """The summary as XCom shows it."""
+    return retention.clean_staging(*args, **kwargs).to_dict()
+
 
 DAY = 86400
 DAG = "daily"
@@ -197,8 +204,8 @@ class DagRuns:
         )
 
 
-def candidate(dag_id: str, run_id: str | None, run_dir: str = "dir") -> dict:
-    return {"kind": "run", "dag_id": dag_id, "run_id": run_id, "run": f"{dag_id}/{run_dir}"}
+def candidate(dag_id: str, run_id: str | None, run_dir: str = "dir") -> CleanupEntry:
+    return CleanupEntry("run", f"/staging/{dag_id}/{run_dir}", 1, 1, None, f"{dag_id}/{run_dir}", dag_id, run_id)
 
 
 def test_find_active_runs():
@@ -234,7 +241,7 @@ def test_cleanup_operator_two_stages(staging, monkeypatch):
     ti = FakeTaskInstance(dag_id="maintenance", task_id="clean")
     ti.get_dr_count = DagRuns([(DAG, OLD_RUN, "running")]).count
 
-    summary = operator.execute({"ti": ti})
+    summary = operator.execute({"ti": ti})  # the summary as XCom shows it
 
     assert active.exists() and not finished.exists()
     assert [s["dry_run"] for s in specs] == [True, False]
