@@ -1,4 +1,5 @@
-"""RayHook: a ``raydata`` connection -> a Ray Client session that runs one stage at a time."""
+"""RayHook (Airflow worker): a ``raydata`` connection -> a Ray Client session that runs one stage
+at a time, cancels it, commits a held load, and turns a stage's failure into Airflow's."""
 
 from __future__ import annotations
 

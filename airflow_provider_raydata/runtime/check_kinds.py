@@ -1,4 +1,5 @@
-"""Check kinds: everything one kind of data-quality check is and does, one class per kind.
+"""Check kinds: everything one kind of data-quality check is and does, one class per kind (facts
+read at DAG parse time, measurements made on the cluster).
 
 To add a kind, write its class and register it in ``CHECKS`` (then test it: the planted defects in
 ``tests/quality_data.py`` must cover it). Its class attributes are facts that ``runtime.specs``

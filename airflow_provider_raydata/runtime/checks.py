@@ -1,5 +1,5 @@
 """Data-quality checks (the check language: ``runtime.specs``; each kind: ``runtime.check_kinds``),
-computed in one distributed pass.
+computed in one distributed pass on the cluster.
 
     {"check": "null_fraction", "column": "email", "leq_to": 0.01, "policy": "warn"}
     {"check": "mean", "column": "price", "equal_to": 10, "tolerance": 0.05}

@@ -1,4 +1,4 @@
-"""The long-lived stage driver. Kept free of heavy imports: the Ray Client server that
+"""The long-lived stage driver (on the cluster). Kept free of heavy imports: the Ray Client server that
 unpickles this class for every new client session then starts in milliseconds, not seconds."""
 
 from __future__ import annotations

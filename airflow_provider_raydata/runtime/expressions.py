@@ -1,4 +1,5 @@
-"""Row filters written as Python-style expressions, compiled to pyarrow compute expressions.
+"""Row filters written as Python-style expressions, compiled to pyarrow compute expressions (on
+the cluster; the DAG parser uses ``columns_in`` to check column names).
 
     "l_shipdate >= '1995-01-01' and l_quantity < 24"
     "o_orderstatus in ('F', 'O') and o_comment is not None"

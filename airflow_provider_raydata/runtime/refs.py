@@ -1,4 +1,4 @@
-"""Dataset references: the small dict stages hand each other, and the atomic commit behind them.
+"""Dataset references (``contracts.DatasetRef``) and the atomic commit behind them (on the cluster).
 
 A stage writes its Parquet files into a fresh attempt directory under its task prefix,
 ``{staging_uri}/{dag_id}/{run_id}/{task_id}/attempt-{try}-{token}/``, and commits by writing

@@ -1,4 +1,4 @@
-"""Staging retention: remove old stage outputs, never those of runs still active.
+"""Staging retention (on the cluster): remove old stage outputs, never those of runs still active.
 
 The staging area holds ``{root}/{dag}/{run}/{task}/attempt-{try}-{token}/`` directories (and
 ``{task}/quarantine/attempt-.../``), committed by a ``_SUCCESS`` marker (``refs.py``). A run

@@ -1,4 +1,4 @@
-"""Readers: a source spec (plain dict) becomes a lazy Ray Dataset.
+"""Readers (on the cluster): a ``contracts.Source`` becomes a lazy Ray Dataset.
 
     {"kind": "files", "path": "s3://raw/orders/{{ ds }}/*.parquet", "format": "parquet",
      "columns": [...], "filter": "o_totalprice > 0", "cast": {"o_orderdate": "date32"}}

@@ -1,4 +1,5 @@
-"""Stage specs: plain-data validation shared by the operators (at DAG parse time) and the runtime.
+"""The step and check languages: validation shared by the operators (at DAG parse time) and the
+runtime (on the cluster).
 
 Imports neither Airflow nor Ray, so parsing a DAG stays fast.
 """

@@ -1,4 +1,5 @@
-"""Map URIs (local paths, file://, s3://, gs://) to pyarrow filesystems."""
+"""Map URIs (local paths, file://, s3://, gs://) to pyarrow filesystems (on the cluster, and on
+the worker for the runtime code it runs)."""
 
 from __future__ import annotations
 

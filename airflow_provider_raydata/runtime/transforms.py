@@ -1,4 +1,4 @@
-"""Transform steps: plain dicts applied to a Ray Dataset as one lazy pipeline.
+"""Transform steps (on the cluster): plain dicts applied to a Ray Dataset as one lazy pipeline.
 
 {"op": "map_batches", "fn": "pkg.mod:fn", "batch_format": "pandas", "fn_kwargs": {...}}
 {"op": "select", "columns": [...]}            {"op": "rename", "columns": {"old": "new"}}

@@ -1,4 +1,5 @@
-"""Arrow type names as users write them in cast specs ("float64", "decimal128(15, 2)", ...)."""
+"""Arrow type names as users write them in cast specs ("float64", "decimal128(15, 2)", ...): at DAG
+parse time and on the cluster."""
 
 from __future__ import annotations
 

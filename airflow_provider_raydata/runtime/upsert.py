@@ -24,7 +24,7 @@ Where each dialect implements them:
 - Snowflake and BigQuery: ``merge_statement`` below (one ``MERGE``), run by
   ``runtime.snowflake`` and ``runtime.bigquery``.
 
-Runs wherever its caller runs; imports pyarrow only inside ``merge_latest``.
+Runs wherever its caller runs (cluster or worker); imports pyarrow only inside its functions.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Shared by the BigQuery modules: validated, quoted names and clients from an access token."""
+"""Shared by the BigQuery modules (cluster and worker): validated, quoted names and clients from
+an access token."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Shared by the PostgreSQL modules: table names, identifiers, type mapping, the load ledger and
+"""Shared by the PostgreSQL modules (cluster and worker): table names, identifiers, type mapping, the load ledger and
 the staging tables' names."""
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Shared by the Snowflake modules: identifiers, table names, the ledger and staging tables."""
+"""Shared by the Snowflake modules (cluster and worker): identifiers, table names, the ledger and
+staging tables."""
 
 from __future__ import annotations
 
