@@ -1,4 +1,5 @@
-"""Keep a stage executor in a running Ray job on the cluster: ``python -m airflow_provider_raydata.runtime.service NAME NAMESPACE``.
+"""Keep a stage executor in a running Ray job on the cluster:
+``python -m airflow_provider_raydata.runtime.service NAME NAMESPACE``.
 
 Submitted once per cluster through the Ray Jobs API by RayHook. Ray keeps worker processes
 warm only for jobs that are alive; an executor owned by this never-ending job therefore runs
