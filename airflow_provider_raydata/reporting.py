@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from airflow_provider_raydata.contracts import CleanupSummary
+from airflow_provider_raydata.contracts import CheckResult, CleanupSummary
 
 LOGGED_PATHS = 50  # paths listed in the task log (and in the cleanup's returned summary: 2x)
 
@@ -33,10 +33,10 @@ def _cell(text: str, width: int = 70) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
-def describe(check: dict[str, Any]) -> str:
-    text = f"got {check['value']}, expected {check['expected']}"
-    if check.get("examples"):
-        text += f" (e.g. {check['examples']})"
+def describe(check: CheckResult) -> str:
+    text = f"got {check.value}, expected {check.expected}"
+    if check.details.get("examples"):
+        text += f" (e.g. {check.details['examples']})"
     return text
 
 

@@ -403,17 +403,17 @@ class RayDataQualityOperator(RayDataBaseOperator):
         return check
 
     def handle_result(self, context, result: StageResult) -> Any:
-        report, ti = result.report.to_dict(), context["ti"]
-        ti.xcom_push(key=XCom.QUALITY_REPORT, value=report)
+        report, ti = result.report, context["ti"]
+        ti.xcom_push(key=XCom.QUALITY_REPORT, value=report.to_dict())
         ti.xcom_push(key=XCom.QUARANTINE, value=result.quarantine.to_dict())
-        self.log.info("Quality report:\n%s", format_report(report))
-        for check in report["checks"]:
-            if not check["passed"] and check["policy"] == "warn":
-                self.log.warning("Quality check %s failed (policy warn): %s", check["name"], describe(check))
-        failed = [c for c in report["checks"] if not c["passed"] and c["policy"] == "fail"]
+        self.log.info("Quality report:\n%s", format_report(report.to_dict()))
+        for check in report.checks:
+            if not check.passed and check.policy == "warn":
+                self.log.warning("Quality check %s failed (policy warn): %s", check.name, describe(check))
+        failed = [c for c in report.checks if not c.passed and c.policy == "fail"]
         if failed:
-            details = "; ".join(f"{c['name']}: {describe(c)}" for c in failed)
-            raise AirflowFailException(f"{len(failed)} of {len(report['checks'])} quality checks failed: {details}")
+            details = "; ".join(f"{c.name}: {describe(c)}" for c in failed)
+            raise AirflowFailException(f"{len(failed)} of {len(report.checks)} quality checks failed: {details}")
         return result.ref.to_dict()
 
 

@@ -23,11 +23,6 @@ MAP_BATCHES_OPTIONS = ("batch_format", "batch_size", "concurrency", "num_cpus", 
 BROADCAST_JOIN_MAX_BYTES = 256 * 1024 * 1024
 
 
-class DataError(ValueError):
-    """The rows cannot be loaded as asked (a key repeated in the load, no unique index for an
-    upsert): a retry would not help, so the task fails without retrying."""
-
-
 STEP_FIELDS: dict[str, set[str]] = {
     "map_batches": {"fn", *MAP_BATCHES_OPTIONS},
     "select": {"columns"},
@@ -229,44 +224,3 @@ def _is_number(value: Any) -> bool:
 
 def _templated(value: Any) -> bool:
     return isinstance(value, str) and "{{" in value
-
-
-DESTINATION_MODES = {
-    "parquet": ("append", "overwrite", "overwrite_partitions", "upsert"),
-    "postgres": ("append", "overwrite", "replace_partition", "upsert"),
-    "snowflake": ("append", "overwrite", "replace_partition", "upsert"),
-    "bigquery": ("append", "overwrite", "replace_partition", "upsert"),
-}
-
-
-def validate_destination(destination: dict[str, Any]) -> None:
-    """Check a load destination's kind, mode and the columns the mode needs (no data needed)."""
-    kind, mode = destination.get("kind", "parquet"), destination.get("mode", "append")
-    if kind not in DESTINATION_MODES:
-        raise ValueError(f"Unknown destination kind {kind!r}; known kinds: {', '.join(DESTINATION_MODES)}")
-    modes = DESTINATION_MODES[kind]
-    if mode not in modes:
-        raise ValueError(f"Unknown mode {mode!r} for a {kind} destination; use {', '.join(modes)}")
-    if mode in ("overwrite_partitions", "replace_partition") and not destination.get("partition_by"):
-        raise ValueError(f"mode {mode!r} needs partition_by")
-    if mode == "upsert" and not destination.get("keys"):
-        raise ValueError("mode 'upsert' needs keys (the columns that identify a row)")
-    if kind in ("postgres", "snowflake", "bigquery") and not destination.get("table"):
-        raise ValueError(f"a {kind} destination needs 'table'")
-    if kind == "bigquery" and mode == "replace_partition" and not destination.get("partition"):
-        raise ValueError(
-            "a bigquery replace_partition needs 'partition': the partition to replace, e.g. '{{ ds_nodash }}'"
-        )
-
-
-def load_columns(destination: dict[str, Any], columns: list[str]) -> tuple[str, list[str], list[str]]:
-    """A load's mode, keys and partition columns, checked against the dataset's columns (on the cluster)."""
-    validate_destination(destination)
-    mode = destination.get("mode", "append")
-    keys = list(destination.get("keys") or [])
-    partition_by = list(destination.get("partition_by") or [])
-    extra = [destination[name] for name in ("sequence_by", "delete_column") if destination.get(name)]
-    for column in [*keys, *partition_by, *extra]:
-        if column not in columns:
-            raise ValueError(f"Unknown column {column!r} for {mode}; dataset columns: {', '.join(columns)}")
-    return mode, keys, partition_by
