@@ -241,6 +241,21 @@ CONNECTION_KEYS = {
 }
 
 
+def _kind_and_fields(cls: type, data: dict[str, Any], what: str, kinds) -> tuple[str, dict[str, Any]]:
+    """A user's source or destination dict: its kind (checked), its connection id under one name,
+    and no field the declaration lacks (a typo fails at parse time, naming the field)."""
+    kind = data.pop("kind", "files" if what == "source" else "parquet")
+    if kind not in kinds:
+        raise DataError(f"Unknown {what} kind {kind!r}; known kinds: {', '.join(kinds)}")
+    conn_key, _ = CONNECTION_KEYS.get(kind, (None, None))
+    if conn_key and conn_key in data:
+        data["conn_id"] = data.pop(conn_key)
+    unknown = sorted(set(data) - {f.name for f in fields(cls)})
+    if unknown:
+        raise DataError(f"Unknown field(s) {unknown} in a {kind} {what}")
+    return kind, data
+
+
 # --- sources ------------------------------------------------------------------------------------
 
 SOURCE_KINDS = ("files", "postgres", "snowflake", "bigquery")
@@ -288,15 +303,7 @@ class Source:
         given. Raises ``DataError`` naming an unknown kind, field or format."""
         data = dict(value) if isinstance(value, Mapping) else {"kind": "files", "path": value}
         data.update({k: v for k, v in options.items() if v is not None})
-        kind = data.pop("kind", "files")
-        if kind not in SOURCE_KINDS:
-            raise DataError(f"Unknown source kind {kind!r}; known kinds: {', '.join(SOURCE_KINDS)}")
-        conn_key, _ = CONNECTION_KEYS.get(kind, (None, None))
-        if conn_key and conn_key in data:
-            data["conn_id"] = data.pop(conn_key)
-        unknown = sorted(set(data) - {f.name for f in fields(cls)})
-        if unknown:
-            raise DataError(f"Unknown field(s) {unknown} in a {kind} source")
+        kind, data = _kind_and_fields(cls, data, "source", SOURCE_KINDS)
         if isinstance(data.get("path"), list):
             data["path"] = tuple(data["path"])
         if data.get("columns") is not None:
@@ -380,18 +387,10 @@ class Destination:
         """A path means a Parquet lake; ``mode``/``keys``/``partition_by`` (the operator's
         arguments) apply where the dict does not say. Raises ``DataError`` naming the problem."""
         data = dict(value) if isinstance(value, Mapping) else {"kind": "parquet", "path": value}
-        kind = data.pop("kind", "parquet")
-        if kind not in DESTINATION_MODES:
-            raise DataError(f"Unknown destination kind {kind!r}; known kinds: {', '.join(DESTINATION_MODES)}")
-        conn_key, _ = CONNECTION_KEYS.get(kind, (None, None))
-        if conn_key and conn_key in data:
-            data["conn_id"] = data.pop(conn_key)
         data.setdefault("mode", mode or "append")
         for name, given in (("keys", keys), ("partition_by", partition_by)):
             data[name] = tuple(data.get(name) or given or ())
-        unknown = sorted(set(data) - {f.name for f in fields(cls)} - {"conn"})
-        if unknown:
-            raise DataError(f"Unknown field(s) {unknown} in a {kind} destination")
+        kind, data = _kind_and_fields(cls, data, "destination", DESTINATION_MODES)
         destination = cls(kind=kind, **data)
         destination.validate()
         return destination

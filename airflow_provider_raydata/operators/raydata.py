@@ -140,19 +140,23 @@ class RayDataBaseOperator(BaseOperator):
         """This stage's own fields of its ``StageSpec`` (source, input, steps, checks, ...)."""
         raise NotImplementedError
 
-    def execute(self, context) -> Any:
-        ti = context["ti"]
-        spec = StageSpec(
+    def stage_spec(self, ti, **fields: Any) -> StageSpec:
+        """This task's ``StageSpec``: what every stage carries, and its own ``fields``."""
+        return StageSpec(
             stage=self.stage,
             name=f"{ti.dag_id}.{ti.task_id}",
             produced_by=produced_by(ti),
             storage=self.storage(),
             tuning=self.tuning or {},
-            output_uri=task_prefix(self.resolve_staging_uri(), ti.dag_id, ti.run_id, ti.task_id)
-            if self.writes_output
-            else None,
-            **self.stage_fields(context),
+            **fields,
         )
+
+    def execute(self, context) -> Any:
+        ti = context["ti"]
+        fields = self.stage_fields(context)
+        if self.writes_output:
+            fields["output_uri"] = task_prefix(self.resolve_staging_uri(), ti.dag_id, ti.run_id, ti.task_id)
+        spec = self.stage_spec(ti, **fields)
         ti.xcom_push(key=XCom.DASHBOARD_URL, value=self.hook.settings.dashboard_url or "")
         self.log.info("Running %s stage on %s", self.stage, self.hook.settings.label)
         result = self.hook.run_stage(spec, timeout=self.stage_timeout)
@@ -603,14 +607,7 @@ class RayDataStagingCleanupOperator(RayDataBaseOperator):
         request = CleanupRequest(
             staging_uri=self.resolve_staging_uri(), older_than_days=days, lake_paths=tuple(self.lake_paths)
         )
-        spec = StageSpec(
-            stage=self.stage,
-            name=f"{ti.dag_id}.{ti.task_id}",
-            produced_by=produced_by(ti),
-            storage=self.storage(),
-            tuning=self.tuning or {},
-            cleanup=request,
-        )
+        spec = self.stage_spec(ti, cleanup=request)
         ti.xcom_push(key=XCom.DASHBOARD_URL, value=self.hook.settings.dashboard_url or "")
         self.log.info("Listing staging older than %s days on %s", days, self.hook.settings.label)
         listed_runs = self.hook.run_stage(spec, timeout=self.stage_timeout)
