@@ -31,6 +31,11 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
+# The shape of what the worker and the stage executor exchange (StageSpec, StageResult and the
+# executor's methods). The executor's actor name carries it: a cluster still running an executor
+# that speaks another protocol gets a new one instead of failing every stage.
+PROTOCOL = 2
+
 
 class XCom:
     """The XCom keys a stage's task pushes (besides its return value)."""
@@ -44,9 +49,17 @@ class XCom:
 # --- plain data at the edges (XCom, JSON) ------------------------------------------------------
 
 
-def to_plain(value: Any) -> Any:
-    """A declared value as JSON-friendly dicts and lists (tuples become lists)."""
-    return json.loads(json.dumps(asdict(value), default=str)) if is_dataclass(value) else value
+def to_plain(value: Any, secrets: bool = False) -> Any:
+    """A declared value as dicts and lists (tuples become lists). Fields kept out of reprs
+    (connection parameters, storage credentials) are left out unless ``secrets``: only the wire
+    to the cluster carries them, never XCom or a log."""
+    if is_dataclass(value):
+        return {f.name: to_plain(getattr(value, f.name), secrets) for f in fields(value) if secrets or f.repr}
+    if isinstance(value, (list, tuple)):
+        return [to_plain(item, secrets) for item in value]
+    if isinstance(value, Mapping):
+        return {key: to_plain(item, secrets) for key, item in value.items()}
+    return value
 
 
 def from_plain(cls: type, data: Mapping[str, Any]) -> Any:
@@ -62,14 +75,25 @@ def from_plain(cls: type, data: Mapping[str, Any]) -> Any:
 def _decode(hint: Any, value: Any) -> Any:
     if value is None:
         return None
-    if get_origin(hint) in (Union, types.UnionType):  # X | None
-        hint = next(arg for arg in get_args(hint) if arg is not type(None))
+    if get_origin(hint) in (Union, types.UnionType):  # the arm that fits the plain value
+        arms = [arg for arg in get_args(hint) if arg is not type(None)]
+        fits = [arm for arm in arms if _fits(arm, value)]
+        hint = (fits or arms)[0]
     if is_dataclass(hint) and isinstance(value, Mapping):
         return from_plain(hint, value)
     if get_origin(hint) is tuple:
         inner = get_args(hint)[0] if get_args(hint) else Any
         return tuple(_decode(inner, item) for item in value)
     return value
+
+
+def _fits(hint: Any, value: Any) -> bool:
+    origin = get_origin(hint) or hint
+    if isinstance(value, list):
+        return origin in (tuple, list)
+    if isinstance(value, Mapping):
+        return is_dataclass(hint) or origin in (dict, Mapping)
+    return isinstance(origin, type) and isinstance(value, origin)
 
 
 # --- failures: retried or not ----------------------------------------------------------------
@@ -85,7 +109,10 @@ class DataError(ValueError):
 # constraint violation, syntax error or access rule violation (unknown column, no privilege).
 _DATA_SQLSTATE_CLASSES = ("22", "23", "42")
 # BigQuery error reasons (google.api_core's ``errors[].reason``) that no retry fixes.
-_BIGQUERY_DATA_REASONS = ("invalid", "invalidQuery", "notFound", "duplicate", "accessDenied")
+# ("duplicate" is not one: a job insert re-sent after a timeout answers it, and the retry finds the job.)
+_BIGQUERY_DATA_REASONS = ("invalid", "invalidQuery", "notFound", "accessDenied")
+# pyarrow's errors about the data itself (a cast that does not fit, a corrupt file's footer).
+_ARROW_DATA_ERRORS = ("ArrowInvalid", "ArrowTypeError", "ArrowNotImplementedError")
 
 
 def is_data_error(exc: BaseException) -> bool:
@@ -93,11 +120,14 @@ def is_data_error(exc: BaseException) -> bool:
     fail without retries; everything else (lost connections and workers, timeouts, quotas,
     rate limits, server errors) is retried by Airflow.
 
-    Data errors: ``DataError`` and ``ValueError`` raised while validating the data (pyarrow's
-    ``ArrowInvalid`` included), SQLSTATE classes 22/23/42 from PostgreSQL (psycopg) and
-    Snowflake, and BigQuery's invalid/invalidQuery/notFound/duplicate/accessDenied reasons."""
+    Data errors: ``DataError`` (raised by this package's validation of specs and data), pyarrow's
+    ArrowInvalid/ArrowTypeError/ArrowNotImplementedError, SQLSTATE classes 22/23/42 from
+    PostgreSQL (psycopg) and Snowflake, and BigQuery's invalid/invalidQuery/notFound/accessDenied
+    reasons. Other exceptions, a user function's ``ValueError`` among them, are retried."""
     for error in _chain(exc):
-        if isinstance(error, ValueError):
+        if isinstance(error, DataError):
+            return True
+        if type(error).__name__ in _ARROW_DATA_ERRORS and type(error).__module__.startswith("pyarrow"):
             return True
         sqlstate = getattr(error, "sqlstate", None)
         if isinstance(sqlstate, str) and sqlstate[:2] in _DATA_SQLSTATE_CLASSES:
@@ -245,6 +275,8 @@ def _kind_and_fields(cls: type, data: dict[str, Any], what: str, kinds) -> tuple
     """A user's source or destination dict: its kind (checked), its connection id under one name,
     and no field the declaration lacks (a typo fails at parse time, naming the field)."""
     kind = data.pop("kind", "files" if what == "source" else "parquet")
+    if _templated(kind):  # checked once rendered
+        return kind, data
     if kind not in kinds:
         raise DataError(f"Unknown {what} kind {kind!r}; known kinds: {', '.join(kinds)}")
     conn_key, _ = CONNECTION_KEYS.get(kind, (None, None))
@@ -254,6 +286,10 @@ def _kind_and_fields(cls: type, data: dict[str, Any], what: str, kinds) -> tuple
     if unknown:
         raise DataError(f"Unknown field(s) {unknown} in a {kind} {what}")
     return kind, data
+
+
+def _templated(value: Any) -> bool:
+    return isinstance(value, str) and "{{" in value
 
 
 # --- sources ------------------------------------------------------------------------------------
@@ -314,7 +350,7 @@ class Source:
         source = cls(kind=kind, **data)
         if kind == "files" and not source.path:
             raise DataError("a files source needs 'path'")
-        if source.format is not None and source.format not in FILE_FORMATS:
+        if source.format is not None and not _templated(source.format) and source.format not in FILE_FORMATS:
             raise DataError(f"Unknown file format {source.format!r}; use one of {', '.join(FILE_FORMATS)}")
         if kind != "files" and bool(source.query) == bool(source.table):
             raise DataError(f"A {kind} source needs exactly one of 'query' or 'table'")

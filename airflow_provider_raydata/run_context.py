@@ -11,7 +11,7 @@ from typing import Any
 
 from airflow.utils.state import TaskInstanceState
 
-from airflow_provider_raydata.contracts import CleanupEntry, IncrementalWindow
+from airflow_provider_raydata.contracts import CleanupEntry, IncrementalWindow, XCom
 
 log = logging.getLogger(__name__)
 ACTIVE_STATES = ["queued", "running"]
@@ -75,8 +75,8 @@ def previous_rows(ti) -> int | None:
     previous = ti.get_previous_ti(state=TaskInstanceState.SUCCESS)
     report = None
     if previous is not None:
-        report = ti.xcom_pull(task_ids=ti.task_id, key="quality_report", run_id=previous.run_id)
-    rows = report.get("rows_in") if isinstance(report, dict) else None
+        report = ti.xcom_pull(task_ids=ti.task_id, key=XCom.QUALITY_REPORT, run_id=previous.run_id)
+    rows = report.get("rows_in") if isinstance(report, dict) else None  # QualityReport.to_dict()
     log.info("Previous successful run of %s: %s, rows in: %s", ti.task_id, previous and previous.run_id, rows)
     return rows
 

@@ -23,7 +23,7 @@ from urllib.parse import urlparse
 from airflow.sdk import BaseHook
 from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowNotFoundException
 
-from airflow_provider_raydata.contracts import StageResult, StageSpec, is_data_error
+from airflow_provider_raydata.contracts import PROTOCOL, StageResult, StageSpec, is_data_error
 
 DEFAULT_CLIENT_PORT = 10001
 DEFAULT_CONNECT_TIMEOUT = 30.0
@@ -258,7 +258,8 @@ class RayHook(BaseHook):
         from airflow_provider_raydata.runtime.executor import StageExecutor
 
         env = json.dumps(self.settings.runtime_env, sort_keys=True)
-        name = f"raydata-stage-executor-{__version__}-{hashlib.sha1(env.encode()).hexdigest()[:10]}"
+        digest = hashlib.sha1(env.encode()).hexdigest()[:10]
+        name = f"raydata-stage-executor-{__version__}-p{PROTOCOL}-{digest}"
         namespace = self.settings.namespace or "raydata"
         try:
             return _executor_handle(name, namespace)

@@ -69,17 +69,15 @@ def produced_by(ti) -> ProducedBy:
     return ProducedBy(dag_id=ti.dag_id, run_id=ti.run_id, task_id=ti.task_id, try_number=ti.try_number)
 
 
-def plain_input(value: Any, name: str = "input") -> dict[str, Any] | str:
+def plain_input(value: Any) -> Any:
     """A reference as users pass it, decoded: a dict (XCom), a JSON string of one (a template) or a URI."""
-    if value is None or value == "":
-        raise AirflowException(f"No {name} dataset reference was given (or the upstream pushed none)")
     return json.loads(value) if isinstance(value, str) and value.lstrip().startswith("{") else value
 
 
 def parse_input(value: Any, name: str = "input") -> DatasetRef:
     try:
-        return DatasetRef.parse(plain_input(value, name), name)
-    except DataError as exc:  # not a reference: a retry would not make it one
+        return DatasetRef.parse(plain_input(value), name)
+    except DataError as exc:  # no reference, or not one: a retry would not make it one
         raise AirflowFailException(str(exc)) from None
 
 
@@ -401,7 +399,8 @@ class RayDataQualityOperator(RayDataBaseOperator):
         elif check.get("check") == "row_count_change" and "previous_rows" not in check:
             check["previous_rows"] = previous_rows(context["ti"])
         elif check.get("check") == "referential_integrity":
-            check["ref"] = plain_input(check.get("ref"), "referential_integrity 'ref'")
+            parse_input(check.get("ref"), "referential_integrity 'ref'")  # a missing one fails here
+            check["ref"] = plain_input(check["ref"])
         elif check.get("check") == "custom" and "fn" in check:
             ship_by_value(check["fn"])
         return check

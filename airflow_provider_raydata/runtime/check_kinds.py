@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..contracts import CheckResult
+from ..contracts import CheckResult, DataError
 from .expressions import compile_expression
 from .types import arrow_type
 
@@ -190,7 +190,7 @@ class Unique(DistinctCount):
 
     def validate(self, check: dict[str, Any], label: str) -> None:
         if ("column" in check) == ("columns" in check):
-            raise ValueError(f"{label}: give 'column' or 'columns' (a composite key), one of them")
+            raise DataError(f"{label}: give 'column' or 'columns' (a composite key), one of them")
 
     def merge(self, parts: list, check: dict[str, Any]) -> Measured:
         return Measured(sum(p[0] for p in parts) - count_distinct_keys([p[1] for p in parts]))
@@ -268,7 +268,7 @@ class Schema(SchemaKind):
 
     def validate(self, check: dict[str, Any], label: str) -> None:
         if not isinstance(check["columns"], dict) or not check["columns"]:
-            raise ValueError(f"{label}: 'columns' must map column names to Arrow types")
+            raise DataError(f"{label}: 'columns' must map column names to Arrow types")
         for type_name in check["columns"].values():
             arrow_type(type_name)
 
@@ -311,7 +311,7 @@ class AcceptedValues(RowKind):
 
     def validate(self, check: dict[str, Any], label: str) -> None:
         if not isinstance(check["values"], (list, tuple)):
-            raise ValueError(f"{label}: 'values' must be a list")
+            raise DataError(f"{label}: 'values' must be a list")
 
     def passes(self, table: pa.Table, check: dict[str, Any], keys: pa.Array | None) -> pa.Array:
         column = table.column(check["column"])
@@ -341,9 +341,9 @@ class Range(RowKind):
 
     def validate(self, check: dict[str, Any], label: str) -> None:
         if "min" not in check and "max" not in check:
-            raise ValueError(f"{label} needs 'min', 'max' or both")
+            raise DataError(f"{label} needs 'min', 'max' or both")
         if _is_number(check.get("min")) and _is_number(check.get("max")) and check["min"] > check["max"]:
-            raise ValueError(f"{label}: 'min' {check['min']} is above 'max' {check['max']}")
+            raise DataError(f"{label}: 'min' {check['min']} is above 'max' {check['max']}")
 
     def values(self, column: pa.ChunkedArray) -> pa.ChunkedArray:
         return column
@@ -394,7 +394,7 @@ class Custom(RowKind):
 
     def validate(self, check: dict[str, Any], label: str) -> None:
         if not (callable(check["fn"]) or ":" in str(check["fn"])):
-            raise ValueError(f"{label}: 'fn' must be a callable or 'package.module:function'")
+            raise DataError(f"{label}: 'fn' must be a callable or 'package.module:function'")
 
     def reads_every_column(self, check: dict[str, Any]) -> bool:
         return "columns" not in check
@@ -410,7 +410,7 @@ class Custom(RowKind):
             result = result.combine_chunks()
         result = result if isinstance(result, pa.Array) else pa.array(np.asarray(result))
         if len(result) != table.num_rows or not pa.types.is_boolean(result.type):
-            raise ValueError(
+            raise DataError(
                 f"check {check['name']}: the function must return one boolean per row "
                 f"(got {len(result)} values of type {result.type} for {table.num_rows} rows)"
             )

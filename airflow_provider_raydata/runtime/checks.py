@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 import ray
 import ray.data
 
-from ..contracts import CheckResult, DatasetRef, QualityReport
+from ..contracts import CheckResult, DataError, DatasetRef, QualityReport
 from . import refs
 from .check_kinds import CHECKS, ROW, SCHEMA, TABLE, Measured, evaluate_expression
 from .check_kinds import count_distinct_keys as count_distinct_keys  # re-exported (tests)
@@ -74,7 +74,7 @@ def _distinct_keys(check: dict[str, Any], ref: Any, column: str, storage: dict |
         keys = pq.read_table(path, columns=[column], filesystem=fs).column(column)
     except (KeyError, pa.ArrowInvalid) as exc:
         problem = f"cannot read key column {column!r} of {meta.uri}: {exc}"
-        raise ValueError(f"check {check['name']}: {problem}") from None
+        raise DataError(f"check {check['name']}: {problem}") from None
     return pc.unique(keys.combine_chunks()).cast(like)
 
 
@@ -133,11 +133,11 @@ def _key_sets(
     return {name: ray.get(k) if isinstance(k, ray.ObjectRef) else k for name, k in keys.items()}
 
 
-def in_scope(table: pa.Table, label: str | None) -> pa.Array | None:
+def in_scope(table: pa.Table, where: str | None) -> pa.Array | None:
     """Rows a check's ``where`` selects (a null result selects nothing), or None for all rows."""
-    if not label:
+    if not where:
         return None
-    return pc.fill_null(evaluate_expression(table, label), False)
+    return pc.fill_null(evaluate_expression(table, where), False)
 
 
 def row_failures(

@@ -18,6 +18,8 @@ from functools import lru_cache
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ..contracts import DataError
+
 _COMPARE = {
     ast.Eq: operator.eq,
     ast.NotEq: operator.ne,
@@ -34,7 +36,7 @@ def parse(expression: str) -> ast.expr:
     try:
         return ast.parse(expression, mode="eval").body
     except SyntaxError as exc:
-        raise ValueError(f"Invalid expression {expression!r}: {exc.msg}") from None
+        raise DataError(f"Invalid expression {expression!r}: {exc.msg}") from None
 
 
 def columns_in(expression: str) -> set[str]:
@@ -49,7 +51,7 @@ def compile_expression(expression: str, schema: pa.Schema) -> pc.Expression:
     """Compile ``expression`` against ``schema``; raise ``ValueError`` for unknown columns."""
     unknown = sorted(columns_in(expression) - set(schema.names))
     if unknown:
-        raise ValueError(
+        raise DataError(
             f"Unknown column {unknown[0]!r} in expression {expression!r}; available columns: {', '.join(schema.names)}"
         )
     return _Compiler(expression, schema).visit(parse(expression))

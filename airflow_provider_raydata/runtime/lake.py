@@ -27,7 +27,7 @@ from ray.data.datasource import FilenameProvider
 from ..contracts import DataError, Destination, LoadResult
 from .refs import describe_files
 from .storage import exists, filesystem_for, join_uri
-from .upsert import merge_latest
+from .upsert import check_no_repeated_key, merge_latest
 
 STAGING_DIR = "_staging"  # {lake}/_staging/{load_id}-{token}/: a load's files before they move into place
 
@@ -96,6 +96,8 @@ def _merge_upsert(ds, destination: Destination, fs, root, staged, load_id) -> tu
     new = pa.concat_tables(blocks, promote_options="default") if blocks else None
     if new is None or new.num_rows == 0:
         return [], {"rows_written": 0, "rows_deleted": 0}
+    if not destination.upsert.sequence_by:
+        check_no_repeated_key(new, destination.upsert)  # before anything exists or changes
     partitioning = pads.partitioning(pa.schema([new.schema.field(c) for c in partition_by]), flavor="hive")
     fs.create_dir(root, recursive=True)  # the first upsert creates the table
     lake = pads.dataset(root, schema=new.schema, format="parquet", filesystem=fs, partitioning=partitioning)

@@ -19,7 +19,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from ..contracts import CleanupEntry, CleanupSummary, DatasetRef
+from ..contracts import CleanupEntry, CleanupSummary, DataError, DatasetRef
 from .lake import STAGING_DIR
 from .refs import ATTEMPT_PREFIX, QUARANTINE_DIR, SUCCESS, safe_segment
 from .storage import filesystem_for
@@ -82,7 +82,7 @@ def clean_staging(
     ``dry_run``) and which old runs were kept, with counts, files and bytes.
     """
     if older_than_days < 0:
-        raise ValueError(f"older_than_days must not be negative, got {older_than_days}")
+        raise DataError(f"older_than_days must not be negative, got {older_than_days}")
     when = _as_datetime(now)
     cutoff = (when - timedelta(days=older_than_days)).timestamp()
     active = {(str(d), str(r)) for d, r in active_runs}
@@ -143,7 +143,7 @@ def _as_datetime(now: datetime | str | None) -> datetime:
 def _check_root(root: str, uri: str) -> None:
     # A filesystem root would make every two-level directory on the machine a "run".
     if root in ("", "/"):
-        raise ValueError(f"Refusing to clean {uri!r}: the staging URI must be a dedicated directory or prefix")
+        raise DataError(f"Refusing to clean {uri!r}: the staging URI must be a dedicated directory or prefix")
 
 
 def _list_runs(fs: pafs.FileSystem, root: str) -> dict[tuple[str, str], _Unit]:

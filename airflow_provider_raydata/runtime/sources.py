@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray.data
 
-from ..contracts import DatasetRef, IncrementalWindow, Source
+from ..contracts import DataError, DatasetRef, IncrementalWindow, Source
 from . import refs
 from .expressions import columns_in, compile_expression
 from .storage import expand, filesystem_for
@@ -49,7 +49,7 @@ def read_files(source: Source, storage: dict | None) -> ray.data.Dataset:
     paths = source.paths
     fmt = source.format or _infer_format(paths[0])
     if fmt not in FORMATS:
-        raise ValueError(f"Unknown file format {fmt!r}; use one of {', '.join(FORMATS)}")
+        raise DataError(f"Unknown file format {fmt!r}; use one of {', '.join(FORMATS)}")
     reader, extensions = FORMATS[fmt]
     fs, _ = filesystem_for(paths[0], storage)
     all_files = [f for uri in paths for f in expand(fs, filesystem_for(uri, storage)[1], extensions)]
@@ -79,8 +79,10 @@ def check_parquet_files(fs, files: list[str], columns: list[str] | None) -> pa.S
         try:
             with fs.open_input_file(path) as handle:
                 return pq.read_schema(handle)
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise ValueError(f"Corrupt or truncated Parquet file {path}: {exc}") from None
+        except pa.ArrowInvalid as exc:
+            raise DataError(f"Corrupt or truncated Parquet file {path}: {exc}") from None
+        except OSError as exc:  # a failed read (or a footer pyarrow cannot decode): retried
+            raise OSError(f"Cannot read the Parquet footer of {path}: {exc}") from exc
 
     with ThreadPoolExecutor(max_workers=16) as pool:
         schemas = list(pool.map(schema_of, files))
@@ -89,15 +91,15 @@ def check_parquet_files(fs, files: list[str], columns: list[str] | None) -> pa.S
     for path, schema in zip(files[1:], schemas[1:], strict=True):
         for name in compared:
             if name not in schema.names:
-                raise ValueError(f"Schema drift: {path} has no column {name!r} (unlike {files[0]})")
+                raise DataError(f"Schema drift: {path} has no column {name!r} (unlike {files[0]})")
             if name in first.names and schema.field(name).type != first.field(name).type:
-                raise ValueError(
+                raise DataError(
                     f"Schema drift: column {name!r} is {schema.field(name).type} in {path} "
                     f"but {first.field(name).type} in {files[0]}"
                 )
         if columns is None and set(schema.names) - set(first.names):
             extra = sorted(set(schema.names) - set(first.names))
-            raise ValueError(f"Schema drift: {path} has extra column(s) {', '.join(extra)} (unlike {files[0]})")
+            raise DataError(f"Schema drift: {path} has extra column(s) {', '.join(extra)} (unlike {files[0]})")
     return first
 
 
@@ -109,7 +111,7 @@ def in_window_partitions(files: list[str], window: IncrementalWindow) -> list[st
     for path in files:
         segment = next((part for part in path.split("/") if part.startswith(marker)), None)
         if segment is None:
-            raise ValueError(f"{path} is not under a '{marker}YYYY-MM-DD' partition directory")
+            raise DataError(f"{path} is not under a '{marker}YYYY-MM-DD' partition directory")
         day = datetime.fromisoformat(unquote(segment[len(marker) :]))
         day = day if day.tzinfo else day.replace(tzinfo=UTC)
         if (start is None or day + timedelta(days=1) > start) and (end is None or day < end):

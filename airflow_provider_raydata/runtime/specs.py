@@ -10,6 +10,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from ..contracts import DataError
 from .check_kinds import CHECKS, ROW, SCHEMA, CheckKind
 from .expressions import columns_in
 from .types import arrow_type, type_class
@@ -51,27 +52,27 @@ def validate_steps(steps: list[dict[str, Any]]) -> None:
         op = step.get("op") if isinstance(step, dict) else None
         label = f"step {index} ({op})"
         if op not in STEP_FIELDS:
-            raise ValueError(f"Unknown step {op!r} at step {index}; known steps: {', '.join(STEP_FIELDS)}")
+            raise DataError(f"Unknown step {op!r} at step {index}; known steps: {', '.join(STEP_FIELDS)}")
         extra = set(step) - STEP_FIELDS[op] - {"op"}
         if extra:
-            raise ValueError(f"Unknown field(s) {sorted(extra)} in {label}")
+            raise DataError(f"Unknown field(s) {sorted(extra)} in {label}")
         missing = REQUIRED[op] - set(step)
         if missing:
-            raise ValueError(f"Missing field(s) {sorted(missing)} in {label}")
+            raise DataError(f"Missing field(s) {sorted(missing)} in {label}")
         if op == "join" and step.get("how", "inner") not in JOIN_TYPES:
-            raise ValueError(f"Unknown join type {step['how']!r} in {label}; use {', '.join(JOIN_TYPES)}")
+            raise DataError(f"Unknown join type {step['how']!r} in {label}; use {', '.join(JOIN_TYPES)}")
         if op == "aggregate":
             for name, agg in step["aggs"].items():
                 fn = agg[0] if isinstance(agg, (list, tuple)) and agg else agg
                 if fn not in AGGREGATE_NAMES:
-                    raise ValueError(
+                    raise DataError(
                         f"Unknown aggregate {fn!r} for {name!r} in {label}; use {', '.join(AGGREGATE_NAMES)}"
                     )
         if op == "cast":
             for type_name in step["columns"].values():
                 arrow_type(type_name)
         if op == "drop_duplicates" and step.get("keep", "first") not in ("first", "last"):
-            raise ValueError(f"'keep' must be 'first' or 'last' in {label}")
+            raise DataError(f"'keep' must be 'first' or 'last' in {label}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,7 +124,7 @@ def duration_seconds(value: float | int | str) -> float:
         return float(value)
     match = _DURATION.fullmatch(str(value).strip())
     if not match:
-        raise ValueError(f"Not a duration: {value!r}; use seconds or e.g. '30m', '36h', '2d'")
+        raise DataError(f"Not a duration: {value!r}; use seconds or e.g. '30m', '36h', '2d'")
     return float(match[1]) * _SECONDS[match[2]]
 
 
@@ -131,17 +132,17 @@ def validate_checks(checks: list[dict[str, Any]], schema: Mapping[str, str] | No
     """Check names, fields and comparators without data (DAG parse time); with ``schema``
     (column -> Arrow type name) also the columns each check reads and their types."""
     if not isinstance(checks, (list, tuple)) or not checks:
-        raise ValueError("checks must be a non-empty list of check dicts")
+        raise DataError("checks must be a non-empty list of check dicts")
     names: set[str] = set()
     for index, check in enumerate(checks, 1):
         kind_name = check.get("check") if isinstance(check, dict) else None
         if kind_name not in CHECKS:
-            raise ValueError(f"Unknown check {kind_name!r} at position {index}; known: {', '.join(CHECKS)}")
+            raise DataError(f"Unknown check {kind_name!r} at position {index}; known: {', '.join(CHECKS)}")
         label = f"Check {index} ({check_name(check)})"
         _validate_fields(check, CHECKS[kind_name], label)
         name = check_name(check)
         if name in names:
-            raise ValueError(f"{label}: another check has the same name; give one of them a 'name'")
+            raise DataError(f"{label}: another check has the same name; give one of them a 'name'")
         names.add(name)
         if schema is not None:
             _validate_columns(check, CHECKS[kind_name], schema, label)
@@ -152,9 +153,9 @@ def _validate_fields(check: dict[str, Any], kind: CheckKind, label: str) -> None
     missing = [f for f in kind.required if f not in check]
     extra = sorted(set(check) - allowed)
     if missing or extra:
-        raise ValueError(f"{label}: " + (f"missing {missing}" if missing else f"unknown field(s) {extra}"))
+        raise DataError(f"{label}: " + (f"missing {missing}" if missing else f"unknown field(s) {extra}"))
     if check.get("policy", "fail") not in POLICIES:
-        raise ValueError(f"{label}: policy must be one of {', '.join(POLICIES)}, not {check['policy']!r}")
+        raise DataError(f"{label}: policy must be one of {', '.join(POLICIES)}, not {check['policy']!r}")
     kind.validate(check, label)
     for field in ("expr", "where"):
         if field in check and not _templated(str(check[field])):
@@ -166,29 +167,29 @@ def _validate_comparators(check: dict[str, Any], kind: CheckKind, label: str) ->
     given = [k for k in (*COMPARATORS, "tolerance") if k in check]
     if kind.level == SCHEMA:
         if given:
-            raise ValueError(f"{label}: {given[0]!r} does not apply to a schema check")
+            raise DataError(f"{label}: {given[0]!r} does not apply to a schema check")
         return
     if any(_templated(check[k]) for k in given):
         return  # checked again once rendered
     try:
         comparators = expectation(check)
     except ValueError as exc:
-        raise ValueError(f"{label}: {exc}") from None
+        raise DataError(f"{label}: {exc}") from None
     if not comparators:
-        raise ValueError(f"{label} needs a comparator: one of {', '.join(COMPARATORS)}")
+        raise DataError(f"{label} needs a comparator: one of {', '.join(COMPARATORS)}")
     if given and any(name in check for name, _ in kind.aliases):
         aliases = "/".join(name for name, _ in kind.aliases)
-        raise ValueError(f"{label}: use either {aliases} or comparators, not both")
+        raise DataError(f"{label}: use either {aliases} or comparators, not both")
     for op, value in comparators.items():
         problem = _comparator_problem(kind.measures, value)
         if problem:
-            raise ValueError(f"{label}: {op} {value!r} does not apply: {check['check']} measures {problem}")
+            raise DataError(f"{label}: {op} {value!r} does not apply: {check['check']} measures {problem}")
     if "tolerance" in check:
         tolerance = check["tolerance"]
         if not _is_number(tolerance) or tolerance < 0:
-            raise ValueError(f"{label}: tolerance must be a number >= 0 (a fraction of the expected value)")
+            raise DataError(f"{label}: tolerance must be a number >= 0 (a fraction of the expected value)")
         if not all(_is_number(v) for v in comparators.values()):
-            raise ValueError(f"{label}: tolerance applies to numeric comparators only")
+            raise DataError(f"{label}: tolerance applies to numeric comparators only")
 
 
 def _comparator_problem(measures: str | None, value: Any) -> str | None:
@@ -208,11 +209,11 @@ def _comparator_problem(measures: str | None, value: Any) -> str | None:
 def _validate_columns(check: dict[str, Any], kind: CheckKind, schema: Mapping[str, str], label: str) -> None:
     for column in columns_used(check):
         if column not in schema:
-            raise ValueError(f"Unknown column {column!r} in {label}; available columns: {', '.join(schema)}")
+            raise DataError(f"Unknown column {column!r} in {label}; available columns: {', '.join(schema)}")
     if kind.column_types and "column" in check:
         found = type_class(schema[check["column"]])
         if found not in kind.column_types:
-            raise ValueError(
+            raise DataError(
                 f"{label}: column {check['column']!r} has type {schema[check['column']]}; "
                 f"{check['check']} applies to {' or '.join(kind.column_types)} columns"
             )

@@ -9,6 +9,8 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
+from ..contracts import DataError
+
 GLOB_CHARS = "*?["
 
 
@@ -33,7 +35,7 @@ def filesystem_for(uri: str, options: dict[str, Any] | None = None) -> tuple[paf
     if uri.startswith("file://"):
         uri = uri[len("file://") :]
     if "://" in uri:
-        raise ValueError(f"Unsupported URI scheme in {uri!r}: use a local path, file://, s3:// or gs://")
+        raise DataError(f"Unsupported URI scheme in {uri!r}: use a local path, file://, s3:// or gs://")
     return pafs.LocalFileSystem(), uri.rstrip("/") or "/"
 
 

@@ -21,7 +21,7 @@ import ray
 import ray.data
 from ray.data.aggregate import Count, CountDistinct, Max, Mean, Min, Sum
 
-from ..contracts import DatasetRef
+from ..contracts import DataError, DatasetRef
 from .expressions import compile_expression
 from .sources import read_ref
 from .specs import (
@@ -49,11 +49,11 @@ def resolve_callable(fn: Callable | str) -> Callable:
         return fn
     module_name, _, attr = str(fn).partition(":")
     if not attr:
-        raise ValueError(f"Function reference {fn!r} must look like 'package.module:function'")
+        raise DataError(f"Function reference {fn!r} must look like 'package.module:function'")
     try:
         target = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
-        raise ValueError(f"Cannot import {fn!r} on the Ray cluster: {exc}") from exc
+        raise DataError(f"Cannot import {fn!r} on the Ray cluster: {exc}") from exc
     return target
 
 
@@ -107,7 +107,7 @@ def filter_batch(table: pa.Table, expr: str, label: str) -> pa.Table:
     try:
         return table.filter(compile_expression(expr, table.schema))
     except ValueError as exc:
-        raise ValueError(f"{label}: {exc}") from None
+        raise DataError(f"{label}: {exc}") from None
 
 
 def _drop_duplicates(ds, step, columns, label, storage, rows_hint=None):
@@ -148,7 +148,7 @@ def _join(ds, step, columns, label, storage, rows_hint=None):
         broadcast = how in ARROW_JOIN_TYPES and (meta.size_bytes or math.inf) <= BROADCAST_JOIN_MAX_BYTES
     if broadcast:
         if how not in ARROW_JOIN_TYPES:
-            raise ValueError(f"{label}: a broadcast join supports only inner and left joins, not {how!r}")
+            raise DataError(f"{label}: a broadcast join supports only inner and left joins, not {how!r}")
         table = pa.concat_tables(ray.get(right.to_arrow_refs()))
         options = {"right": ray.put(table), "on": on, "right_on": right_on, "how": ARROW_JOIN_TYPES[how]}
         return ds.map_batches(

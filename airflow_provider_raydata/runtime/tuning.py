@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..contracts import DataError
+
 DEFAULT_TUNING = {
     # Each read_parquet otherwise starts 32 footer-reading actors: seconds of fixed cost per read.
     "parquet_footer_actors": 1,
@@ -25,9 +27,9 @@ def validate_tuning(tuning: dict[str, Any] | None) -> None:
     """Unknown keys and values of the wrong kind fail here, naming the key, not on the cluster."""
     for key, value in (tuning or {}).items():
         if key not in DEFAULT_TUNING:
-            raise ValueError(f"Unknown tuning key {key!r}; known keys: {', '.join(DEFAULT_TUNING)}")
+            raise DataError(f"Unknown tuning key {key!r}; known keys: {', '.join(DEFAULT_TUNING)}")
         expected = type(DEFAULT_TUNING[key])
         if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-            raise ValueError(f"tuning {key!r} must be {expected.__name__}, not {value!r}")
+            raise DataError(f"tuning {key!r} must be {expected.__name__}, not {value!r}")
         if key == "shuffle_strategy" and value not in SHUFFLE_STRATEGIES:
-            raise ValueError(f"tuning 'shuffle_strategy' must be one of {', '.join(SHUFFLE_STRATEGIES)}")
+            raise DataError(f"tuning 'shuffle_strategy' must be one of {', '.join(SHUFFLE_STRATEGIES)}")

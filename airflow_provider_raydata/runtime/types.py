@@ -8,6 +8,8 @@ import re
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ..contracts import DataError
+
 _DECIMAL = re.compile(r"decimal(?:128)?\((\d+),\s*(\d+)\)")
 _TIMESTAMP = re.compile(r"timestamp\[(s|ms|us|ns)(?:,\s*tz=([^\]]+))?\]")
 
@@ -21,7 +23,7 @@ def arrow_type(name: str) -> pa.DataType:
     try:
         return pa.type_for_alias(text)
     except ValueError:
-        raise ValueError(f"Unknown Arrow type {name!r}") from None
+        raise DataError(f"Unknown Arrow type {name!r}") from None
 
 
 def cast_columns(table: pa.Table, casts: dict[str, str]) -> pa.Table:
@@ -40,7 +42,7 @@ def cast_columns(table: pa.Table, casts: dict[str, str]) -> pa.Table:
 def check_columns(wanted, available, label: str) -> None:
     missing = [c for c in wanted if c not in available]
     if missing:
-        raise ValueError(f"Unknown column {missing[0]!r} in {label}; available columns: {', '.join(available)}")
+        raise DataError(f"Unknown column {missing[0]!r} in {label}; available columns: {', '.join(available)}")
 
 
 def repeated_key(table: pa.Table, keys: list[str]) -> str | None:

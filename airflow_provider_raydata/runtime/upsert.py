@@ -54,13 +54,12 @@ def check_no_repeated_key(table: pa.Table, rule: UpsertRule) -> None:
 
 
 def merge_latest(existing: pa.Table, new: pa.Table, rule: UpsertRule) -> tuple[pa.Table, int]:
-    """Rules 1-3 on Arrow tables: the merged rows (in key order) and how many keys were deleted."""
+    """Rules 2-3 on Arrow tables: the merged rows (in key order) and how many keys were deleted.
+    Rule 1 is the caller's, before it changes anything: ``check_no_repeated_key``."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    if not rule.sequence_by:
-        check_no_repeated_key(new, rule)
     rows = pa.concat_tables([existing, new.select(existing.column_names)])
     rows = rows.append_column("_order", pa.array(np.arange(rows.num_rows)))  # existing first, then the load
     order = [(k, "ascending") for k in rule.keys]
@@ -93,7 +92,8 @@ def merge_statement(quote: Callable[[str], str], target: str, source: str, colum
     updates = ", ".join(f"{quote(c)} = s.{quote(c)}" for c in columns if c not in rule.keys)
     if updates:
         clauses.append(f"WHEN MATCHED{newer} THEN UPDATE SET {updates}")
-    insert = f"WHEN NOT MATCHED{f' AND s.{flag} IS NOT TRUE' if flag else ''} THEN INSERT"
+    # NOT COALESCE(...): Snowflake has no IS [NOT] TRUE.
+    insert = f"WHEN NOT MATCHED{f' AND NOT COALESCE(s.{flag}, FALSE)' if flag else ''} THEN INSERT"
     clauses.append(f"{insert} ({names}) VALUES ({', '.join(f's.{quote(c)}' for c in columns)})")
     return f"MERGE INTO {target} AS t USING ({rows}) AS s ON {match}\n" + "\n".join(clauses)
 

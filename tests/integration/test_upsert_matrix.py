@@ -51,6 +51,8 @@ SCENARIOS = {
     ),  # fmt: skip
     # Rule 1: without sequence_by a repeated key fails the load and changes nothing.
     "repeated_keys_without_sequence": ({}, [OLDER, [(7, "g1", 1, False), (7, "g2", 2, False)]], "more than once"),
+    # Rule 1 into a missing target: it is not even created.
+    "repeated_keys_first_load": ({}, [[(7, "g1", 1, False), (7, "g2", 2, False)]], "more than once"),
     # Rule 2 without sequence_by: the load's row replaces the stored one.
     "no_sequence_load_wins": ({}, [NEWER, OLDER], None),
 }
@@ -105,8 +107,11 @@ class Lake(Operator):
     def create_empty(self) -> None:
         os.makedirs(self.tmp_path / "lake")
 
+    def exists(self) -> bool:
+        return (self.tmp_path / "lake").exists()
+
     def rows(self) -> list[tuple]:
-        if not (self.tmp_path / "lake").exists():
+        if not self.exists():
             return []
         table = pads.dataset(str(self.tmp_path / "lake"), format="parquet").to_table()
         return sorted(tuple(row[c] for c in COLUMNS) for row in table.to_pylist())
@@ -120,8 +125,11 @@ class Postgres(Operator):
     def create_empty(self) -> None:
         self.pg.conn.execute("CREATE TABLE items (id bigint PRIMARY KEY, v text, seq bigint, gone boolean)")
 
+    def exists(self) -> bool:
+        return self.pg.conn.execute("SELECT to_regclass('items')").fetchone()[0] is not None
+
     def rows(self) -> list[tuple]:
-        if self.pg.conn.execute("SELECT to_regclass('items')").fetchone()[0] is None:
+        if not self.exists():
             return []
         return self.pg.conn.execute("SELECT id, v, seq, gone FROM items ORDER BY id").fetchall()
 
@@ -136,11 +144,15 @@ class SnowflakeFakesnow(Operator):
             'CREATE TABLE "items" ("id" NUMBER(19, 0), "v" VARCHAR, "seq" NUMBER(19, 0), "gone" BOOLEAN)'
         )
 
-    def rows(self) -> list[tuple]:
+    def exists(self) -> bool:
         cur = self.sf.conn.cursor()
         cur.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'items'")
-        if not cur.fetchone()[0]:
+        return bool(cur.fetchone()[0])
+
+    def rows(self) -> list[tuple]:
+        if not self.exists():
             return []
+        cur = self.sf.conn.cursor()
         return [tuple(row) for row in cur.execute('SELECT "id", "v", "seq", "gone" FROM "items" ORDER BY 1')]
 
 
@@ -167,22 +179,24 @@ class BigQueryScriptOnDuckDB:
         staging = plan.staging_table.rsplit(".", 1)[1]
         self.db.execute(f'CREATE OR REPLACE TABLE "{staging}" (id BIGINT, v VARCHAR, seq BIGINT, gone BOOLEAN)')
         self.db.executemany(f'INSERT INTO "{staging}" VALUES (?, ?, ?, ?)', rows)
-        create, *statements = plan.merge_script.rstrip(";").split(";\n")
-        assert create.startswith("CREATE TABLE IF NOT EXISTS `my-project`.`sales`.`items` LIKE")
-        self.db.execute('CREATE TABLE IF NOT EXISTS "items" AS SELECT * FROM "' + staging + '" LIMIT 0')
-        self.db.execute("BEGIN")  # BigQuery runs the script's statements as one unit of failure here
+        self.db.execute("BEGIN")  # BigQuery stops a script at its first failing statement
         try:
-            for statement in statements:
+            for statement in plan.merge_script.rstrip(";").split(";\n"):
+                if statement.startswith("CREATE TABLE IF NOT EXISTS `my-project`.`sales`.`items` LIKE"):
+                    statement = f'CREATE TABLE IF NOT EXISTS "items" AS SELECT * FROM "{staging}" LIMIT 0'  # DuckDB
                 self.db.execute(re.sub(r"`(?:[^`]+`\.`)*([^`]+)`", r'"\1"', statement))
             self.db.execute("COMMIT")
         except Exception as exc:
             self.db.execute("ROLLBACK")
-            raise AirflowFailException(str(exc)) from exc  # BigQuery's invalidQuery: a data error
+            # BigQuery fails the job with reason invalidQuery: a data error (tests/unit/test_contracts.py)
+            raise AirflowFailException(str(exc)) from exc
+
+    def exists(self) -> bool:
+        found = self.db.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'items'")
+        return bool(found.fetchone()[0])
 
     def rows(self) -> list[tuple]:
-        if not self.db.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'items'").fetchone()[
-            0
-        ]:
+        if not self.exists():
             return []
         return self.db.execute('SELECT id, v, seq, gone FROM "items" ORDER BY id').fetchall()
 
@@ -216,6 +230,7 @@ def test_upsert_scenario(dialect, scenario, request, tmp_path):
     with pytest.raises(AirflowFailException, match=error):  # a data error: no retry
         target.load(failing, options)
     assert target.rows() == expected(options, before)  # nothing changed
+    assert target.exists() == bool(before)  # not even a missing target was created
 
 
 @pytest.mark.parametrize("dialect", DIALECTS)

@@ -37,10 +37,13 @@ def test_a_stage_spec_survives_plain_json_and_keeps_secrets_out_of_its_repr():
         load_id="0123",
         cleanup=CleanupRequest("/staging", 7.0, active_runs=(("dag", "run"),)),
     )
-    again = from_plain(StageSpec, to_plain(spec))
+    again = from_plain(StageSpec, to_plain(spec, secrets=True))  # the wire to the cluster
     assert again == spec and again.destination.conn == {"host": "db", "password": "pg-secret"}
+    assert "pg-secret" not in str(to_plain(spec)) and "s3-secret" not in str(to_plain(spec))
     assert again.destination.upsert.keys == ("id",) and again.destination.upsert.sequence_by == "at"
     assert "pg-secret" not in repr(spec) and "s3-secret" not in repr(spec)
+    files = StageSpec("extract", "d.e", ProducedBy(), source=Source.from_user(["/a.csv", "/b.csv"]))
+    assert from_plain(StageSpec, to_plain(files)).source.paths == ["/a.csv", "/b.csv"]
     with pytest.raises(DataError, match=r"Unknown field\(s\) \['stagee'\] for StageSpec"):
         from_plain(StageSpec, {**to_plain(spec), "stagee": "load"})
 
@@ -66,6 +69,8 @@ def test_sources_are_declared_and_their_typos_named():
         Source.from_user({"kind": "postgres", "querry": "SELECT 1"})
     with pytest.raises(DataError, match="Unknown file format 'xlsx'"):
         Source.from_user("/a.xlsx", format="xlsx")
+    templated = Source.from_user({"path": "/in/{{ ds }}", "format": "{{ params.fmt }}"})  # checked once rendered
+    assert templated.format == "{{ params.fmt }}"
 
 
 def test_dataset_references_from_what_users_pass():
@@ -103,6 +108,7 @@ def data_and_transient_errors():
         snowflake.ProgrammingError(msg="invalid identifier", errno=904, sqlstate="42000"),
         google.BadRequest("bad", errors=[{"reason": "invalidQuery"}]),
         google.NotFound("no table", errors=[{"reason": "notFound"}]),
+        google.BadRequest("upsert: a key appears more than once", errors=[{"reason": "invalidQuery"}]),  # ERROR()
     ]
     transient = [
         ConnectionError("reset"),
@@ -113,6 +119,9 @@ def data_and_transient_errors():
         google.TooManyRequests("slow down", errors=[{"reason": "rateLimitExceeded"}]),
         google.InternalServerError("backend", errors=[{"reason": "backendError"}]),
         RuntimeError("staging table is gone"),
+        ValueError("raised by a user's function"),
+        google.Conflict("Already Exists: Job", errors=[{"reason": "duplicate"}]),  # a re-sent job insert
+        OSError("Cannot read the Parquet footer of s3://lake/a.parquet: connection reset"),
     ]
     return data, transient
 

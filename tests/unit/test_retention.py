@@ -233,7 +233,7 @@ def test_cleanup_operator_two_stages(staging, monkeypatch):
 
     def fake_run_stage(spec, timeout=None):
         specs.append(to_plain(spec.cleanup))
-        return run_stage(from_plain(StageSpec, to_plain(spec)))  # plain data, as over the wire
+        return run_stage(from_plain(StageSpec, to_plain(spec, secrets=True)))  # plain data, as over the wire
 
     operator = RayDataStagingCleanupOperator(task_id="clean", staging_uri=str(staging), retention_days="7")
     settings = SimpleNamespace(dashboard_url=None, label="in-process", storage_options={}, embedded=True)

@@ -153,7 +153,7 @@ def test_bigquery_load_jobs_by_mode_through_a_faked_transport():
         f"WHEN MATCHED AND s.`deleted` AND {newer} THEN DELETE\nWHEN MATCHED AND {newer} THEN UPDATE SET `name` ="
         in sql
     )
-    assert "WHEN NOT MATCHED AND s.`deleted` IS NOT TRUE THEN INSERT (`id`, " in sql
+    assert "WHEN NOT MATCHED AND NOT COALESCE(s.`deleted`, FALSE) THEN INSERT (`id`, " in sql
     assert http.requests[-1][:2] == ("DELETE", "/projects/my-project/datasets/sales/tables/_raydata_0123abcd")
 
     with pytest.raises(ValueError, match="reads the Parquet handoff from GCS"):

@@ -6,6 +6,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from ...contracts import DataError
+
 STAGING_PREFIX = "_raydata_"
 
 
@@ -26,7 +28,7 @@ def table_parts(name: str | dict, default_project: str | None = None) -> tuple[s
         parts = name.split(".") if isinstance(name, str) else []
         parts = [default_project, *parts] if len(parts) == 2 else parts
     if len(parts) != 3:
-        raise ValueError(f"Invalid BigQuery table {name!r}: use 'project.dataset.table' or 'dataset.table'")
+        raise DataError(f"Invalid BigQuery table {name!r}: use 'project.dataset.table' or 'dataset.table'")
     project, dataset, table = parts
     for part, pattern, what in (
         (project, _PROJECT, "project"),
@@ -34,14 +36,14 @@ def table_parts(name: str | dict, default_project: str | None = None) -> tuple[s
         (table, _TABLE, "table"),
     ):
         if not isinstance(part, str) or not pattern.fullmatch(part):
-            raise ValueError(f"Invalid BigQuery {what} name {part!r} in table {name!r}")
+            raise DataError(f"Invalid BigQuery {what} name {part!r} in table {name!r}")
     return project, dataset, table
 
 
 def quote(name: str) -> str:
     """A backtick-quoted BigQuery identifier (backslashes and backticks escaped)."""
     if not isinstance(name, str) or not name or "\n" in name:
-        raise ValueError(f"Invalid BigQuery identifier {name!r}")
+        raise DataError(f"Invalid BigQuery identifier {name!r}")
     return "`" + name.replace("\\", "\\\\").replace("`", "\\`") + "`"
 
 

@@ -37,7 +37,7 @@ def bq_type(arrow: str) -> str:
     ):
         if text.startswith(prefixes):
             return name
-    raise ValueError(f"Arrow type {arrow} has no BigQuery mapping; cast it first")
+    raise DataError(f"Arrow type {arrow} has no BigQuery mapping; cast it first")
 
 
 def load_plan(ref: DatasetRef, destination: Destination, load_id: str, default_project: str | None) -> BigQueryPlan:
@@ -100,10 +100,11 @@ def merge_script(
     """Create the target if needed, then ``runtime.upsert``'s rules: a load that repeats a key
     without ``sequence_by`` fails the script (``ERROR()``), else one MERGE of the latest rows."""
     source = quoted_table(*staging)
-    statements = [f"CREATE TABLE IF NOT EXISTS {quoted_table(*target)} LIKE {source}"]
-    if not rule.sequence_by:
+    statements = []
+    if not rule.sequence_by:  # before anything is created or changed
         repeated = repeated_key_query(quote, source, rule)
         statements.append(f"SELECT IF(EXISTS({repeated}), ERROR('{REPEATED_KEY_ERROR}'), 0)")
+    statements.append(f"CREATE TABLE IF NOT EXISTS {quoted_table(*target)} LIKE {source}")
     statements.append(merge_statement(quote, quoted_table(*target), source, columns, rule))
     return ";\n".join(statements) + ";"
 

@@ -1,7 +1,7 @@
 """PostgreSQL, one module per job (all import psycopg 3, an optional extra):
 
 - ``read``: ``ray.data.read_sql`` sharded on a key, with bound parameters (cluster);
-- ``stage``: checks a load against the target and COPYs the committed Parquet files, in
+- ``staging``: checks a load against the target and COPYs the committed Parquet files, in
   parallel, into a staging table (cluster);
 - ``publish``: moves the rows into the target in one transaction, by mode (cluster);
 - ``upsert``: the upsert's SQL (``runtime.upsert``'s rules as ``INSERT ... ON CONFLICT``);

@@ -37,7 +37,7 @@ def table_parts(name: str | dict) -> tuple[str, str]:
     else:
         schema, _, table = name.rpartition(".") if "." in name else ("public", "", name)
     if not table or not schema:
-        raise ValueError(f"Invalid table name {name!r}: use 'schema.table' or 'table'")
+        raise DataError(f"Invalid table name {name!r}: use 'schema.table' or 'table'")
     return schema, table
 
 
@@ -80,7 +80,7 @@ def pg_type(field: pa.Field) -> str:
         return "timestamp with time zone" if t.tz else "timestamp without time zone"
     if pa.types.is_time(t):
         return "time"
-    raise ValueError(f"Column {field.name!r}: Arrow type {t} has no PostgreSQL COPY mapping; cast it first")
+    raise DataError(f"Column {field.name!r}: Arrow type {t} has no PostgreSQL COPY mapping; cast it first")
 
 
 def table_columns(cur, schema: str, table: str) -> list[str] | None:

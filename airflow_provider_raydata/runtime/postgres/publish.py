@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from psycopg import errors, sql
 
-from ...contracts import LoadResult, PostgresPlan
+from ...contracts import DataError, LoadResult, PostgresPlan
 from ..storage import filesystem_for
 from .common import LEDGER, STAGING_PREFIX, definition, ensure_ledger, has_rows, idents, named_duplicates, table_columns
 from .staging import copy_files
@@ -222,6 +222,6 @@ def _replace_in_place(cur, target, staging, columns) -> None:
         if has_rows(cur, target):  # an empty table (a first upsert) needs none, even if referenced
             cur.execute(sql.SQL("TRUNCATE {}").format(target))
     except errors.FeatureNotSupported as exc:  # emptying it would break other tables' foreign keys
-        raise ValueError(f"overwrite cannot replace {target.as_string(cur)}: {exc.diag.message_primary}") from None
+        raise DataError(f"overwrite cannot replace {target.as_string(cur)}: {exc.diag.message_primary}") from None
     cur.execute(sql.SQL("INSERT INTO {} ({}) SELECT {} FROM {}").format(target, columns, columns, staging))
     cur.execute(sql.SQL("DROP TABLE {}").format(staging))

@@ -39,10 +39,6 @@ from .upsert import check_conflict_target, is_first_load
 DIRECT_MODES = ("append", "replace_partition")
 COPY_BATCH_ROWS = 262_144  # CSV-encoded per chunk; smaller chunks cost more per row
 
-# Modes whose publish COPYs straight into the target: a staging table would cost a second copy.
-DIRECT_MODES = ("append", "replace_partition")
-COPY_BATCH_ROWS = 262_144  # CSV-encoded per chunk; smaller chunks cost more per row
-
 
 def copy_to_staging(uri: str, storage: dict | None, destination: Destination, load_id: str) -> PostgresPlan:
     """Check the load against the target and return the plan for ``publish``. For overwrite and
@@ -165,7 +161,7 @@ def _drop_indexes(cur, conn, table) -> list:
 
 def _dataset_schema(fs, files) -> pa.Schema:
     if not files:
-        raise ValueError("The input dataset has no Parquet files to load")
+        raise DataError("The input dataset has no Parquet files to load")
     with fs.open_input_file(files[0].path) as handle:
         return pq.ParquetFile(handle).schema_arrow
 

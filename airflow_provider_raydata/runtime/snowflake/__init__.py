@@ -3,7 +3,7 @@
 - ``read`` (cluster): the query runs once, with bound parameters; its result batches (Arrow chunks
   that Snowflake serves from presigned URLs) are fetched in parallel by Ray read tasks and cast to
   the Arrow schema that Snowflake describes for the result;
-- ``stage`` (cluster): Ray write tasks PUT the load's blocks as Parquet files on a named internal
+- ``staging`` (cluster): Ray write tasks PUT the load's blocks as Parquet files on a named internal
   stage (``_raydata_stage`` in the target's schema, under a folder of this load); one ``COPY
   INTO`` loads them into a transient staging table (``PURGE = TRUE``);
 - ``publish`` (Airflow worker, through ``hooks.snowflake``): one transaction checks and records

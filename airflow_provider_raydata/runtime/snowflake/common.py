@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from ...contracts import DataError
+
 LEDGER = "_raydata_loads"
 
 
@@ -18,7 +20,7 @@ STAGING_PREFIX = "_raydata_"
 def quote(name: str) -> str:
     """A Snowflake identifier, double-quoted (so case-sensitive), embedded quotes doubled."""
     if not isinstance(name, str) or not name or "\x00" in name:
-        raise ValueError(f"Invalid Snowflake identifier {name!r}")
+        raise DataError(f"Invalid Snowflake identifier {name!r}")
     return '"' + name.replace('"', '""') + '"'
 
 
@@ -41,11 +43,11 @@ def table_parts(name: str | dict, conn: dict[str, Any]) -> tuple[str, str, str]:
     else:
         parts = [None, None, *name.split(".")][-3:] if name.count(".") <= 2 else []
     if len(parts) != 3:
-        raise ValueError(f"Invalid table name {name!r}: use 'database.schema.table' or a dict")
+        raise DataError(f"Invalid table name {name!r}: use 'database.schema.table' or a dict")
     database, schema, table = parts
     database, schema = database or conn.get("database"), schema or conn.get("schema")
     if not (database and schema and table):
-        raise ValueError(f"Table {name!r} needs a database and schema (in the name or the connection)")
+        raise DataError(f"Table {name!r} needs a database and schema (in the name or the connection)")
     return database, schema, table
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ...contracts import DataError, LoadResult, SnowflakePlan
+from ...contracts import DataError, LoadResult, SnowflakePlan, UpsertRule
 from ..upsert import merge_statement, repeated_key_message, repeated_key_query
 from .common import LEDGER, column_list, qualified, quote, table_columns
 
@@ -20,6 +20,8 @@ def publish(conn, plan: SnowflakePlan) -> LoadResult:
     cur = conn.cursor()
     if table_columns(cur, database, schema, plan.staging_table) is None:
         raise RuntimeError(f"Staging table {schema}.{plan.staging_table} is gone: the load must be rerun")
+    if mode == "upsert" and not plan.upsert.sequence_by:
+        _check_no_repeated_key(cur, plan.upsert, staging)  # before anything is created or changed
     # DDL commits implicitly: create what the transaction needs before it begins.
     cur.execute(
         f"CREATE TABLE IF NOT EXISTS {ledger} (target VARCHAR, load_id VARCHAR, mode VARCHAR, rows_written NUMBER,"
@@ -73,12 +75,14 @@ def _record(cur, ledger: str, record: list) -> None:
 
 def _merge(cur, plan: SnowflakePlan, target: str, staging: str) -> int:
     """``runtime.upsert``'s rules as one MERGE; returns the number of rows deleted."""
-    rule = plan.upsert
-    if not rule.sequence_by:
-        cur.execute(repeated_key_query(quote, staging, rule))
-        repeated = cur.fetchone()
-        if repeated is not None:
-            raise DataError(repeated_key_message(rule, dict(zip(rule.keys, repeated, strict=True))))
-    cur.execute(merge_statement(quote, target, staging, plan.columns, rule))
+    cur.execute(merge_statement(quote, target, staging, plan.columns, plan.upsert))
     counts = dict(zip([d.name.lower() for d in cur.description], cur.fetchone() or (), strict=False))
     return int(counts.get("number of rows deleted") or 0)
+
+
+def _check_no_repeated_key(cur, rule: UpsertRule, staging: str) -> None:
+    """``runtime.upsert``'s rule 1 on the staged rows."""
+    cur.execute(repeated_key_query(quote, staging, rule))
+    repeated = cur.fetchone()
+    if repeated is not None:
+        raise DataError(repeated_key_message(rule, dict(zip(rule.keys, repeated, strict=True))))

@@ -51,7 +51,7 @@ def sf_type(field: pa.Field) -> str:
         return "TIMESTAMP_TZ" if t.tz else "TIMESTAMP_NTZ"
     if pa.types.is_time(t):
         return "TIME"
-    raise ValueError(f"Column {field.name!r}: Arrow type {t} has no Snowflake mapping; cast it first")
+    raise DataError(f"Column {field.name!r}: Arrow type {t} has no Snowflake mapping; cast it first")
 
 
 def copy_to_staging(ds, destination: Destination, load_id: str) -> SnowflakePlan:
