@@ -489,9 +489,8 @@ class RayDataLoadOperator(RayDataBaseOperator):
         ref = parse_input(self.input)
         with self.data_errors_fail(destination):
             load = load_bigquery(ref, destination, self.load_id(ti))
-        ti.xcom_push(
-            key=XCom.METRICS, value={"rows_in": ref.num_rows, "rows_out": load.rows_written, "seconds": load.seconds}
-        )
+        metrics = Metrics(ref.num_rows, load.rows_written, load.seconds or 0.0)
+        ti.xcom_push(key=XCom.METRICS, value=metrics.to_dict())
         return self.loaded(load)
 
     def stage_fields(self, context) -> dict[str, Any]:
