@@ -432,6 +432,8 @@ class Destination:
         return destination
 
     def validate(self) -> None:
+        if _templated(self.kind) or _templated(self.mode):
+            return  # checked once rendered
         modes = DESTINATION_MODES[self.kind]
         if self.mode not in modes:
             raise DataError(f"Unknown mode {self.mode!r} for a {self.kind} destination; use {', '.join(modes)}")

@@ -62,6 +62,13 @@ def test_destinations_name_their_problem(value, message):
         Destination.from_user(value)
 
 
+def test_templated_kinds_and_modes_are_checked_once_rendered():
+    templated = Destination.from_user({"kind": "{{ params.kind }}", "table": "t", "mode": "{{ params.mode }}"})
+    assert templated.mode == "{{ params.mode }}"
+    with pytest.raises(DataError, match="Unknown mode 'merge'"):
+        Destination.from_user({"kind": "postgres", "table": "t", "mode": "merge"})
+
+
 def test_sources_are_declared_and_their_typos_named():
     source = Source.from_user(["/a/*.csv", "/b/*.csv"], columns=["x"], filter="x > 1")
     assert source.paths == ["/a/*.csv", "/b/*.csv"] and source.columns == ("x",)
