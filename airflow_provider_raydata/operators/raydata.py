@@ -8,7 +8,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import timedelta
 from functools import cached_property
@@ -509,10 +510,19 @@ class RayDataLoadOperator(RayDataBaseOperator):
             load = result.load
         return self.loaded(load)
 
-    def data_errors_fail(self, destination: Destination):
+    @contextmanager
+    def data_errors_fail(self, destination: Destination) -> Iterator[None]:
         """Publishing on the worker: a data error (``contracts.is_data_error``) fails the task
         without retries; anything else is retried."""
-        return _DataErrorsFail(f"{self.task_id}: loading into {destination.table or destination.path}")
+        try:
+            yield
+        except AirflowException:
+            raise
+        except Exception as exc:
+            if is_data_error(exc):
+                where = destination.table or destination.path
+                raise AirflowFailException(f"{self.task_id}: loading into {where}: {exc}") from exc
+            raise
 
     def loaded(self, load: LoadResult) -> dict[str, Any]:
         if load.skipped:
@@ -525,19 +535,6 @@ class RayDataLoadOperator(RayDataBaseOperator):
             "Loaded %s rows into %s (%s; partitions: %s)", load.rows_written, load.destination, load.mode, partitions
         )
         return load.to_dict()
-
-
-class _DataErrorsFail:
-    def __init__(self, what: str) -> None:
-        self.what = what
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind, exc, traceback) -> bool:
-        if exc is not None and not isinstance(exc, AirflowException) and is_data_error(exc):
-            raise AirflowFailException(f"{self.what}: {exc}") from exc
-        return False
 
 
 class RayDataStagingCleanupOperator(RayDataBaseOperator):

@@ -248,3 +248,41 @@ def test_bigquery_load_operator_needs_no_ray_stage(monkeypatch):
     assert result["destination"] == "my-project.sales.orders" and result["rows_written"] == 42
     assert ti.xcoms["metrics"]["rows_in"] == 42 and ti.xcoms["metrics"]["rows_out"] == 42
     assert http.posted()[0]["configuration"]["load"]["writeDisposition"] == "WRITE_TRUNCATE"
+
+
+class FailingBigQueryHttp(FakeBigQueryHttp):
+    """Every job ends with BigQuery's ``errorResult`` of the given reason."""
+
+    def __init__(self, reason: str):
+        super().__init__()
+        self.reason = reason
+
+    def request(self, method, url, data=None, headers=None, timeout=None, **kwargs):
+        response = super().request(method, url, data=data, headers=headers, timeout=timeout, **kwargs)
+        if method == "POST" and data and "jobReference" in json.loads(data):
+            job = {**response.json(), "status": {"state": "DONE", "errorResult": {"reason": self.reason}}}
+            return self.respond(200, job)
+        return response
+
+
+@pytest.mark.parametrize(("reason", "retried"), [("invalid", False), ("rateLimitExceeded", True)])
+def test_bigquery_data_errors_fail_without_retries_and_rate_limits_retry(monkeypatch, reason, retried):
+    from types import SimpleNamespace
+
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from airflow_provider_raydata.hooks import bigquery as bigquery_hooks
+    from airflow_provider_raydata.operators import RayDataLoadOperator
+    from tests.helpers import run_operator
+
+    http = FailingBigQueryHttp(reason)
+    hook = SimpleNamespace(project_id="my-project", get_client=lambda project_id, location: client(http))
+    monkeypatch.setattr(bigquery_hooks, "bigquery_hook", lambda conn_id, location=None: hook)
+    op = RayDataLoadOperator(
+        task_id="load_bq", input=REF, destination={"kind": "bigquery", "table": "sales.orders"}, mode="overwrite"
+    )
+    with pytest.raises(Exception) as failure:
+        run_operator(op)
+    assert isinstance(failure.value, AirflowFailException) != retried, repr(failure.value)
+    if not retried:
+        assert str(failure.value).startswith("load_bq: loading into sales.orders: ")
