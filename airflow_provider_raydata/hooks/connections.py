@@ -17,15 +17,8 @@ from airflow_provider_raydata.hooks.snowflake import snowflake_params
 RESOLVERS = {"postgres": postgres_params, "snowflake": snowflake_params, "bigquery": bigquery_params}
 
 
-def resolve_source(source: Source) -> Source:
-    """A source with the parameters of its Airflow connection (``Source.conn``)."""
-    if source.kind not in RESOLVERS:
-        return source
-    return replace(source, conn=RESOLVERS[source.kind](source.default_conn_id))
-
-
-def resolve_destination(destination: Destination) -> Destination:
-    """A destination with the parameters of its Airflow connection (``Destination.conn``)."""
-    if destination.kind not in RESOLVERS:
-        return destination
-    return destination.with_conn(RESOLVERS[destination.kind](destination.default_conn_id))
+def resolve_connection(value: Source | Destination) -> Source | Destination:
+    """A source or destination with the parameters of its Airflow connection (``conn``)."""
+    if value.kind not in RESOLVERS:
+        return value
+    return replace(value, conn=RESOLVERS[value.kind](value.default_conn_id))

@@ -34,7 +34,7 @@ from airflow_provider_raydata.contracts import (
     is_data_error,
 )
 from airflow_provider_raydata.hooks.bigquery import load_bigquery
-from airflow_provider_raydata.hooks.connections import resolve_destination, resolve_source
+from airflow_provider_raydata.hooks.connections import resolve_connection
 from airflow_provider_raydata.hooks.postgres import sweep_postgres
 from airflow_provider_raydata.hooks.ray import RayHook
 from airflow_provider_raydata.hooks.snowflake import publish_snowflake
@@ -279,7 +279,7 @@ class RayDataExtractOperator(RayDataBaseOperator):
             raise AirflowFailException(str(exc)) from None
         if self.incremental:
             source = replace(source, window=self.window(context))
-        return {"source": resolve_source(source)}
+        return {"source": resolve_connection(source)}
 
     def window(self, context) -> IncrementalWindow:
         """The incremental window ``[start, end)`` of this run (``run_context.incremental_window``)."""
@@ -495,7 +495,7 @@ class RayDataLoadOperator(RayDataBaseOperator):
         return self.loaded(load)
 
     def stage_fields(self, context) -> dict[str, Any]:
-        destination = resolve_destination(self.destination_spec())
+        destination = resolve_connection(self.destination_spec())
         return {"input": parse_input(self.input), "destination": destination, "load_id": self.load_id(context["ti"])}
 
     def handle_result(self, context, result: StageResult) -> Any:

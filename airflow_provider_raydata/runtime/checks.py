@@ -46,12 +46,9 @@ MAX_EXAMPLES = 5
 FAILED_CHECKS = "_failed_checks"  # list<string> column of quarantined rows: the row checks each row failed
 
 
-def prepare_checks(
-    checks: list[dict[str, Any]], schema: pa.Schema, storage: dict | None = None
-) -> list[dict[str, Any]]:
+def prepare_checks(checks: list[dict[str, Any]], schema: pa.Schema) -> list[dict[str, Any]]:
     """Validate against the data's schema (unknown columns, wrong types) before any row is read;
-    return copies with the defaults the pass reads filled in: ``name`` and ``policy``. (``storage``
-    is not used any more: the key sets of lookups come from ``reference_keys``.)"""
+    return copies with the defaults the pass reads filled in: ``name`` and ``policy``."""
     validate_spec(checks, {f.name: str(f.type) for f in schema})
     return [{**check, "name": check_name(check), "policy": check.get("policy", "fail")} for check in checks]
 
@@ -101,12 +98,10 @@ def run_checks(
     return merge_report(checks, partials, schema, score_threshold), checks, keys
 
 
-def measure_batch(
-    table: pa.Table, checks: list[dict[str, Any]], keys: Mapping[str, Any] | None = None, storage: dict | None = None
-) -> dict[str, list]:
-    """One batch's partial metrics, pickled into a one-row batch. ``keys``: see the module's
-    docstring; without them, the key sets are read from ``storage`` here."""
-    keys = _key_sets(table, checks, keys, storage)
+def measure_batch(table: pa.Table, checks: list[dict[str, Any]], keys: Mapping[str, Any]) -> dict[str, list]:
+    """One batch's partial metrics, pickled into a one-row batch. ``keys``: ``reference_keys``,
+    read once for all batches (as object refs on the cluster)."""
+    keys = _key_sets(keys)
     parts, failures = [], []
     for check in checks:
         kind = CHECKS[check["check"]]
@@ -125,11 +120,7 @@ def measure_batch(
     return {"summary": [pickle.dumps(summary)], "parts": [pickle.dumps(parts)]}
 
 
-def _key_sets(
-    table: pa.Table, checks: list[dict[str, Any]], keys: Mapping[str, Any] | None, storage: dict | None
-) -> dict[str, pa.Array]:
-    if keys is None:
-        return reference_keys(checks, table.schema, storage)
+def _key_sets(keys: Mapping[str, Any]) -> dict[str, pa.Array]:
     return {name: ray.get(k) if isinstance(k, ray.ObjectRef) else k for name, k in keys.items()}
 
 
@@ -251,11 +242,11 @@ def split_batch(
     checks: list[dict[str, Any]],
     quarantine_uri: str,
     storage: dict | None,
-    keys: Mapping[str, Any] | None = None,
+    keys: Mapping[str, Any],
 ) -> pa.Table:
     """Write this batch's quarantined rows (with ``_failed_checks``) and return the passing rows.
-    ``keys``: as for measure_batch (without them, the key sets are read here, once per batch)."""
-    keys = _key_sets(table, checks, keys, storage)
+    ``keys``: as for measure_batch."""
+    keys = _key_sets(keys)
     row_checks = [c for c in checks if CHECKS[c["check"]].level == ROW]
     masks = [row_failures(table, c, in_scope(table, c.get("where")), keys.get(c["name"])) for c in row_checks]
     bad = _any([m for m, c in zip(masks, row_checks, strict=True) if c.get("quarantine", True)], table.num_rows)

@@ -30,7 +30,7 @@ class StageProcess:
 
         return run_stage(spec)
 
-    def end_held_load(self, stage_id: str, commit: bool) -> None:
+    def commit_held_load(self, stage_id: str, commit: bool) -> None:
         from .runner import commit_held_load
 
         commit_held_load(stage_id, commit)
@@ -101,7 +101,7 @@ class StageExecutor:
         _, process, timer = entry
         timer.cancel()
         try:
-            ray.get(process.end_held_load.remote(stage_id, commit))
+            ray.get(process.commit_held_load.remote(stage_id, commit))
         except BaseException:
             ray.kill(process)
             raise

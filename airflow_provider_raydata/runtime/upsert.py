@@ -32,7 +32,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from airflow_provider_raydata.contracts import DataError, UpsertRule
+from ..contracts import DataError, UpsertRule
 
 if TYPE_CHECKING:
     import pyarrow as pa

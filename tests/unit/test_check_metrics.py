@@ -30,6 +30,7 @@ from airflow_provider_raydata.runtime.checks import (
     measure_batch,
     merge_report,
     prepare_checks,
+    reference_keys,
     split_batch,
 )
 from tests import quality_data
@@ -37,14 +38,15 @@ from tests import quality_data
 
 def run_locally(table: pa.Table, checks: list[dict], cuts=(0.07, 0.4, 0.41), score_threshold=None, quarantine=None):
     """What the stage does, batch by batch: measure, merge, then split into passing and quarantined rows."""
-    prepared = prepare_checks(checks, table.schema, None)
+    prepared = prepare_checks(checks, table.schema)
+    keys = reference_keys(prepared, table.schema, None)  # read once, as the stage does
     bounds = sorted({0, table.num_rows, *(int(c * table.num_rows) for c in cuts)})
     batches = [table.slice(a, b - a) for a, b in zip(bounds, bounds[1:], strict=False)]
-    partials = [{k: v[0] for k, v in measure_batch(b, prepared).items()} for b in batches]
+    partials = [{k: v[0] for k, v in measure_batch(b, prepared, keys).items()} for b in batches]
     report = merge_report(prepared, partials, table.schema, score_threshold).to_dict()
     if quarantine is None:
         return report, None
-    passing = pa.concat_tables([split_batch(b, prepared, quarantine, None) for b in batches])
+    passing = pa.concat_tables([split_batch(b, prepared, quarantine, None, keys) for b in batches])
     return report, passing
 
 
@@ -131,7 +133,7 @@ def test_comparators_and_tolerance_follow_common_sql():
 )
 def test_the_schema_is_checked_before_any_row_is_read(check, message):
     with pytest.raises(ValueError, match=message):
-        prepare_checks([check], quality_data.planted_table().schema, None)
+        prepare_checks([check], quality_data.planted_table().schema)
 
 
 INTS = st.none() | st.integers(-3, 3)

@@ -9,7 +9,7 @@ import pyarrow.fs as pafs
 import pytest
 
 from airflow_provider_raydata.contracts import Source
-from airflow_provider_raydata.hooks.connections import resolve_source
+from airflow_provider_raydata.hooks.connections import resolve_connection
 from airflow_provider_raydata.hooks.postgres import postgres_params
 from airflow_provider_raydata.hooks.storage import aws_storage_options
 from airflow_provider_raydata.operators import RayDataLoadOperator
@@ -95,7 +95,7 @@ def test_postgres_connection_becomes_libpq_params(monkeypatch):
         "password": "pw-123",
         "sslmode": "require",
     }
-    source = resolve_source(Source.from_user({"kind": "postgres", "postgres_conn_id": "wh", "table": "t"}))
+    source = resolve_connection(Source.from_user({"kind": "postgres", "postgres_conn_id": "wh", "table": "t"}))
     assert source.conn_id == "wh" and source.conn["host"] == "db.internal"
     assert "pw-123" not in repr(source)
 

@@ -199,7 +199,7 @@ def test_identifiers_are_quoted():
 
 
 def test_validation_and_connections_resolve_to_plain_parameters(monkeypatch):
-    from airflow_provider_raydata.hooks.connections import resolve_source
+    from airflow_provider_raydata.hooks.connections import resolve_connection
     from airflow_provider_raydata.operators import RayDataLoadOperator
 
     with pytest.raises(ValueError, match="replace_partition needs 'partition'"):
@@ -216,7 +216,7 @@ def test_validation_and_connections_resolve_to_plain_parameters(monkeypatch):
     extra = {"account": "acme-xy123", "database": "DB", "warehouse": "WH", "protocol": "http", "port": 8080}
     connection = {"conn_type": "snowflake", "login": "etl", "password": "s3cret-pw", "schema": "PUBLIC", "extra": extra}
     monkeypatch.setenv("AIRFLOW_CONN_SF_UNIT", json.dumps(connection))
-    source = resolve_source(Source.from_user({"kind": "snowflake", "snowflake_conn_id": "sf_unit", "table": "t"}))
+    source = resolve_connection(Source.from_user({"kind": "snowflake", "snowflake_conn_id": "sf_unit", "table": "t"}))
     assert source.conn_id == "sf_unit" and source.table == "t"
     conn = source.conn
     assert (conn["account"], conn["user"], conn["password"], conn["database"]) == (
