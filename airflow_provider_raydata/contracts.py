@@ -34,7 +34,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 # The shape of what the worker and the stage executor exchange (StageSpec, StageResult and the
 # executor's methods). The executor's actor name carries it: a cluster still running an executor
 # that speaks another protocol gets a new one instead of failing every stage.
-PROTOCOL = 2
+PROTOCOL = 3
 
 
 class XCom:

@@ -144,6 +144,30 @@ def ray_conn(ray_head, monkeypatch):
     return ray_head
 
 
+SERVICE_TOKEN = "raydata-service-token-for-tests"
+
+
+@pytest.fixture(scope="session")
+def stage_service(ray_head):
+    """The stage service's URL on the test head (started by the first task that uses it)."""
+    return f"http://127.0.0.1:{free_port()}"
+
+
+@pytest.fixture
+def service_conn(ray_head, stage_service, monkeypatch):
+    """``raydata_default`` names the stage service (the HTTP transport) of the test head."""
+    import json
+
+    conn = {
+        "conn_type": "raydata",
+        "host": stage_service,
+        "password": SERVICE_TOKEN,
+        "extra": {"dashboard_url": ray_head.dashboard_url},
+    }
+    monkeypatch.setenv("AIRFLOW_CONN_RAYDATA_DEFAULT", json.dumps(conn))
+    return conn
+
+
 @pytest.fixture(scope="session")
 def fakesnow_server():
     """fakesnow's server on loopback: the real Snowflake connector talks HTTP to a DuckDB stand-in."""

@@ -1,12 +1,16 @@
-"""RayHook (Airflow worker): a ``raydata`` connection -> a Ray Client session that runs one stage
-at a time, cancels it, commits a held load, and turns a stage's failure into Airflow's."""
+"""RayHook (Airflow worker): a ``raydata`` connection -> the transport that runs one stage at a
+time, cancels it, commits a held load, streams its log lines into the task log, and turns a
+stage's failure into Airflow's.
+
+Two transports reach the same stage executor on the cluster: an ``http(s)://`` host is the stage
+service's HTTP API (``hooks.stage_service``; the task process imports no Ray, and operators can
+defer), a ``ray://`` host (or a bare host) the Ray Client. No connection: an embedded local Ray."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import re
 import socket
 import threading
 import time
@@ -24,6 +28,15 @@ from airflow.sdk import BaseHook
 from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowNotFoundException
 
 from airflow_provider_raydata.contracts import PROTOCOL, StageResult, StageSpec, is_data_error
+from airflow_provider_raydata.hooks.stage_service import (
+    DEFAULT_SERVICE_PORT,
+    FINAL_STATES,
+    JobsApi,
+    ServiceTarget,
+    StageServiceClient,
+    stage_outcome,
+)
+from airflow_provider_raydata.runtime.errors import root_cause
 
 DEFAULT_CLIENT_PORT = 10001
 DEFAULT_CONNECT_TIMEOUT = 30.0
@@ -33,13 +46,17 @@ DEFAULT_CONNECT_TIMEOUT = 30.0
 HANDSHAKE_TIMEOUT_FACTOR = 4
 CANCEL_TIMEOUT = 40  # the executor waits up to 30 s for the stage's process to end
 TRANSIENT_CONNECT_ERRORS = ("Initialization failure from server", "ray client connection timeout")
+LOG_POLL_SECONDS = 1.0  # how often a running stage's new log lines are fetched
+SERVICE_POLL_ATTEMPTS = 5  # polls of a stage service that does not answer before the stage is lost
+LEVELS = {"DEBUG": 10, "INFO": 20, "WARNING": 30, "ERROR": 40, "CRITICAL": 50}
 
 
 @dataclass
 class ClusterSettings:
     """What a connection says about the cluster. ``address`` None means an embedded local Ray."""
 
-    address: str | None = None
+    address: str | None = None  # ray://host:port: the Ray Client transport
+    service_url: str | None = None  # http(s)://host:port: the stage service's HTTP API
     namespace: str | None = None
     runtime_env: dict[str, Any] = field(default_factory=dict)
     auth_token: str | None = field(default=None, repr=False)
@@ -51,11 +68,23 @@ class ClusterSettings:
 
     @property
     def embedded(self) -> bool:
-        return self.address is None
+        return self.address is None and self.service_url is None
+
+    @property
+    def transport(self) -> str:
+        return "service" if self.service_url else "embedded" if self.address is None else "ray_client"
 
     @property
     def label(self) -> str:
-        return self.address or "embedded local Ray"
+        return self.service_url or self.address or "embedded local Ray"
+
+    def executor_name(self) -> str:
+        """The cluster's stage executor for this provider version, protocol and runtime_env."""
+        from airflow_provider_raydata import __version__
+
+        env = json.dumps(self.runtime_env, sort_keys=True)
+        digest = hashlib.sha1(env.encode()).hexdigest()[:10]
+        return f"raydata-stage-executor-{__version__}-p{PROTOCOL}-{digest}"
 
 
 class RayHook(BaseHook):
@@ -84,6 +113,7 @@ class RayHook(BaseHook):
         self._executor = None
         self._stage_id = ""
         self._held = False  # the last stage left a load published in an open transaction
+        self._service: StageServiceClient | None = None
 
     @classmethod
     def get_ui_field_behaviour(cls) -> dict[str, Any]:
@@ -115,6 +145,12 @@ class RayHook(BaseHook):
 
     def test_connection(self) -> tuple[bool, str]:
         try:
+            if self.settings.service_url:
+                health = self.service().health()
+                return True, (
+                    f"Connected to the stage service at {self.settings.service_url} (provider {health['version']}, "
+                    f"Ray {health['ray_version']}, Python {health['python']})"
+                )
             with self.connect():
                 import ray
 
@@ -187,12 +223,101 @@ class RayHook(BaseHook):
             self.log.warning("Connecting to %s failed (attempt %d): %s", settings.address, attempt, message)
             time.sleep(attempt)
 
+    # --- the stage service's HTTP API ---------------------------------------------------------
+
+    def service(self) -> StageServiceClient:
+        """The stage service of an ``http(s)://`` connection, started or upgraded if needed."""
+        if self._service is None:
+            settings = self.settings
+            target = ServiceTarget(
+                url=settings.service_url,
+                auth_token=settings.auth_token,
+                dashboard_url=settings.dashboard_url,
+                namespace=settings.namespace or "raydata",
+                runtime_env=settings.runtime_env,
+                # Its own executor: a stopped service job takes its stages with it, and no other.
+                executor_name=f"{settings.executor_name()}-http{urlparse(settings.service_url).port}",
+            )
+            client = StageServiceClient(target)
+            client.ensure_running()
+            self._service = client
+        return self._service
+
+    def submit_stage(self, spec: StageSpec) -> str:
+        """Submit a stage to the stage service without waiting (deferrable operators); its id."""
+        spec = replace(spec, stage_id=spec.stage_id or uuid.uuid4().hex)
+        self.service().submit(spec)
+        self._stage_id = spec.stage_id
+        return spec.stage_id
+
+    def finished_stage(self, stage_id: str) -> StageResult:
+        """A submitted stage's result once it has ended (``execute_complete``), or its failure."""
+        self._stage_id = stage_id
+        result = stage_outcome(self.service().status(stage_id), self.settings.label)
+        self._held = result.held
+        return result
+
+    def emit_stage_lines(self, lines: list[dict[str, Any]]) -> None:
+        """A stage's log lines into the task log, each at its own level."""
+        for line in lines:
+            self.log.log(LEVELS.get(line.get("level"), 20), "[stage] %s", line.get("message"))
+
+    def _run_on_service(self, spec: StageSpec, timeout: float | None) -> StageResult:
+        service = self.service()
+        self._stage_id = spec.stage_id
+        service.submit(spec)
+        self._running = spec.stage_id
+        deadline = time.monotonic() + timeout if timeout else None
+        offset, pause = 0, 0.05
+        try:
+            while True:
+                page = self._poll(service, spec.stage_id, offset)
+                self.emit_stage_lines(page["lines"])
+                offset = page["next_offset"]
+                if page["state"] in FINAL_STATES or page["state"] == "held":
+                    self.emit_stage_lines(service.logs(spec.stage_id, offset)["lines"])
+                    break
+                if deadline and time.monotonic() > deadline:
+                    self.cancel()
+                    raise AirflowException(f"Stage did not finish within {timeout}s on {self.settings.label}")
+                time.sleep(pause)
+                pause = min(pause * 1.5, LOG_POLL_SECONDS)
+            result = stage_outcome(service.status(spec.stage_id), self.settings.label)
+        finally:
+            self._running = None
+        self._held = result.held
+        return result
+
+    def _poll(self, service: StageServiceClient, stage_id: str, offset: int) -> dict[str, Any]:
+        """The stage's new log lines and state; a service gone for good loses the stage (retryable)."""
+        for attempt in range(1, SERVICE_POLL_ATTEMPTS + 1):
+            try:
+                return service.logs(stage_id, offset)
+            except AirflowException as exc:
+                if "unreachable" not in str(exc) and "no stage" not in str(exc):
+                    raise
+                if attempt == SERVICE_POLL_ATTEMPTS or "no stage" in str(exc):
+                    raise AirflowException(
+                        f"Lost stage {stage_id} on {self.settings.label}: the stage service stopped answering "
+                        f"for it ({exc}); a retry starts the service again"
+                    ) from None
+                time.sleep(1)
+        raise AssertionError("unreachable")
+
+    # --- both transports --------------------------------------------------------------------
+
     def run_stage(self, spec: StageSpec, timeout: float | None = None) -> StageResult:
         """Run one stage on the cluster and return its small result."""
-        import ray
+        spec = replace(spec, stage_id=spec.stage_id or uuid.uuid4().hex)
+        if self.settings.service_url:
+            return self._run_on_service(spec, timeout)
+        import grpc
+        from ray import cloudpickle
         from ray.exceptions import RayError, RayTaskError
 
-        spec = replace(spec, stage_id=spec.stage_id or uuid.uuid4().hex)
+        from airflow_provider_raydata.pickling import register_by_value
+
+        register_by_value(cloudpickle)
         with self.connect():
             self._executor = self.stage_executor()
             self._stage_id = spec.stage_id
@@ -201,7 +326,7 @@ class RayHook(BaseHook):
             # Airflow's SIGTERM handler calls on_kill -> cancel() on it.
             waiter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raydata-stage")
             try:
-                result = waiter.submit(ray.get, self._running).result(timeout=timeout)
+                result = waiter.submit(self._wait_streaming, self._running).result(timeout=timeout)
                 self._held = result.held
                 return result
             except FutureTimeout:
@@ -211,7 +336,7 @@ class RayHook(BaseHook):
             except RayTaskError as exc:
                 self.log.error("Stage failed on %s:\n%s", self.settings.label, exc)
                 raise failure(exc)(f"Stage failed on {self.settings.label}: {root_cause(exc)}") from None
-            except (RayError, ConnectionError) as exc:
+            except (RayError, ConnectionError, grpc.RpcError) as exc:
                 drop_client_session()  # a dropped connection: the next stage starts a new session
                 raise AirflowException(
                     f"Lost the stage on {self.settings.label}: {type(exc).__name__}: {exc}"
@@ -220,14 +345,33 @@ class RayHook(BaseHook):
                 waiter.shutdown(wait=False)
                 self._running = None
 
+    def _wait_streaming(self, ref) -> StageResult:
+        """The stage's result; meanwhile its new log lines, every ``LOG_POLL_SECONDS``."""
+        import ray
+
+        offset = 0
+        while True:
+            ready, _ = ray.wait([ref], timeout=LOG_POLL_SECONDS)
+            lines, offset = ray.get(self._executor.logs.remote(self._stage_id, offset))
+            self.emit_stage_lines(lines)
+            if ready:
+                return ray.get(ref)
+
     def commit_held_load(self, commit: bool = True) -> None:
         """Commit (or roll back) the transaction the last stage, a load, left open on the cluster."""
-        import ray
-        from ray.exceptions import RayError, RayTaskError
-
         if not self._held:
             return
         self._held = False
+        if self.settings.service_url:
+            view = self.service().commit(self._stage_id, commit)
+            if view["state"] == "failed":
+                stage_outcome(view, self.settings.label)  # raises: the COMMIT itself failed
+            if commit and not view["done"]:
+                stage_outcome({**view, "state": "rolled_back"}, self.settings.label)
+            return
+        import ray
+        from ray.exceptions import RayError, RayTaskError
+
         try:
             with self.connect():
                 done = ray.get(self._executor.commit.remote(self._stage_id, commit), timeout=CANCEL_TIMEOUT)
@@ -254,12 +398,9 @@ class RayHook(BaseHook):
         With a dashboard URL it lives in a service job submitted through the Jobs API (warm
         workers: see ``runtime.service``); otherwise it is a detached actor created here.
         """
-        from airflow_provider_raydata import __version__
         from airflow_provider_raydata.runtime.executor import StageExecutor
 
-        env = json.dumps(self.settings.runtime_env, sort_keys=True)
-        digest = hashlib.sha1(env.encode()).hexdigest()[:10]
-        name = f"raydata-stage-executor-{__version__}-p{PROTOCOL}-{digest}"
+        name = self.settings.executor_name()
         namespace = self.settings.namespace or "raydata"
         try:
             return _executor_handle(name, namespace)
@@ -270,27 +411,23 @@ class RayHook(BaseHook):
         return StageExecutor.options(name=name, namespace=namespace, lifetime="detached", get_if_exists=True).remote()
 
     def _start_executor_service(self, name: str, namespace: str):
-        from ray.job_submission import JobSubmissionClient
-
-        headers = {"Authorization": f"Bearer {self.settings.auth_token}"} if self.settings.auth_token else None
-        client = JobSubmissionClient(self.settings.dashboard_url, headers=headers)
-        job_id = client.submit_job(
-            entrypoint=f"python -m airflow_provider_raydata.runtime.service {name} {namespace}",
-            submission_id=f"{name}-{uuid.uuid4().hex[:6]}",
-            runtime_env=self.settings.runtime_env or None,
-            metadata={"purpose": "airflow-provider-raydata stage executor"},
-        )
-        self.log.info("Started the stage executor service job %s on %s", job_id, self.settings.label)
+        """Submit the service job (once, even when several first tasks race) and wait for its executor."""
+        headers = {"Authorization": f"Bearer {self.settings.auth_token}"} if self.settings.auth_token else {}
+        jobs = JobsApi(self.settings.dashboard_url, headers)
+        env = json.dumps(self.settings.runtime_env, sort_keys=True)
+        prefix = f"raydata-stage-service-client-{hashlib.sha1(f'{name}|{namespace}|{env}'.encode()).hexdigest()[:10]}"
+        entrypoint = f"python -m airflow_provider_raydata.runtime.service {name} {namespace}"
+        job_id = jobs.start_once(prefix, entrypoint, self.settings.runtime_env, port=None)
         deadline = time.monotonic() + max(self.connect_timeout, 60)
         while time.monotonic() < deadline:
             try:
                 return _executor_handle(name, namespace)
             except ValueError:
-                status = client.get_job_status(job_id)
-                if status.is_terminal():
+                status = jobs.call("GET", f"/api/jobs/{job_id}")["status"]
+                if status not in ("PENDING", "RUNNING"):
+                    logs = jobs.call("GET", f"/api/jobs/{job_id}/logs").get("logs", "")
                     raise AirflowException(
-                        f"The stage executor job {job_id} on {self.settings.label} ended ({status}): "
-                        f"{client.get_job_logs(job_id)[-2000:]}"
+                        f"The stage executor job {job_id} on {self.settings.label} ended ({status}): {logs[-2000:]}"
                     ) from None
                 time.sleep(0.5)
         raise AirflowException(f"The stage executor job {job_id} on {self.settings.label} did not start in time")
@@ -300,6 +437,15 @@ class RayHook(BaseHook):
         stage's Ray task (``ray.cancel``) and ends its process (``ray.kill``) before it commits;
         a load awaiting its commit is rolled back the same way."""
         if self._running is None and not self._held:
+            return
+        if self.settings.service_url:
+            stopped = self.service().cancel(self._stage_id)["cancelled"]
+            self.log.warning(
+                "Cancelled stage %s on %s (%s)",
+                self._stage_id,
+                self.settings.label,
+                "stopped" if stopped else "it had already ended",
+            )
             return
         import ray
 
@@ -386,15 +532,22 @@ def settings_from_connection(
                 raise AirflowException(f"Connection field {name!r} is not valid JSON: {exc.msg}") from None
         return dict(value)
 
-    address = None
-    if host:
+    address = service_url = None
+    if host and host.startswith(("http://", "https://")):
+        parsed = urlparse(host)
+        service_url = f"{parsed.scheme}://{parsed.hostname}:{parsed.port or port or DEFAULT_SERVICE_PORT}"
+    elif host:
         address = host if "://" in host else f"ray://{host}:{port or DEFAULT_CLIENT_PORT}"
         if not address.startswith("ray://"):
-            raise AirflowException(f"Ray address must start with ray:// (got scheme of {address.split('://')[0]!r})")
+            raise AirflowException(
+                f"The raydata connection's host must start with ray:// (the Ray Client) or http(s):// (the stage "
+                f"service), got scheme {address.split('://')[0]!r}"
+            )
         if port and urlparse(address).port is None:
             address = f"{address}:{port}"
     return ClusterSettings(
         address=address,
+        service_url=service_url,
         namespace=get("namespace"),
         runtime_env=as_dict("runtime_env"),
         auth_token=password or None,
@@ -431,27 +584,6 @@ def _bounded(call, timeout: float, address: str | None, undo) -> None:
             raise AirflowException(f"The Ray Client session to {address} did not start within {timeout:g}s")
     if outcome["error"] is not None:
         raise outcome["error"]
-
-
-def root_cause(exc: BaseException) -> str:
-    """``Type: message`` of the user's own exception behind Ray's wrappers.
-
-    Ray Data wraps errors from a step in ``UserCodeException`` and the original exception
-    survives only in the remote traceback text: take its last exception line from there.
-    """
-    from ray.exceptions import RayTaskError
-
-    cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc
-    while cause.__cause__ is not None:
-        cause = cause.__cause__
-    if type(cause).__name__ != "UserCodeException":
-        return f"{type(cause).__name__}: {cause}"
-    lines = [line.strip() for line in str(exc).splitlines()]
-    raised = [line for line in lines if _EXCEPTION_LINE.match(line) and "UserCodeException" not in line]
-    return raised[-1] if raised else f"{type(cause).__name__}: {cause}"
-
-
-_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Invalid|Interrupt)(\(\w+\))?: ")
 
 
 # The Ray Client session of this process: which cluster and settings it was opened with.

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
@@ -15,6 +16,7 @@ from datetime import timedelta
 from functools import cached_property
 from typing import Any
 
+from airflow.configuration import conf
 from airflow.sdk import BaseOperator, BaseOperatorLink
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
@@ -51,6 +53,7 @@ from airflow_provider_raydata.run_context import (
 from airflow_provider_raydata.runtime.refs import task_prefix
 from airflow_provider_raydata.runtime.specs import validate_checks, validate_steps
 from airflow_provider_raydata.runtime.tuning import validate_tuning
+from airflow_provider_raydata.triggers.raydata import RayDataStageTrigger
 
 DatasetRefLike = dict[str, Any] | str
 
@@ -96,6 +99,11 @@ class RayDataBaseOperator(BaseOperator):
         over the raydata connection's ``storage_options`` and the aws/gcp connections.
     :param tuning: overrides of the runtime's Ray Data settings (``runtime.tuning``), checked at parse time.
     :param stage_timeout: seconds before the remote stage is cancelled and the task fails.
+    :param deferrable: free the worker slot while the stage runs: the task submits the stage
+        and defers to a trigger that polls the stage service (default: Airflow's
+        ``[operators] default_deferrable``). Needs an ``http(s)://`` (stage service) connection;
+        over ``ray://`` the task waits in its slot as before.
+    :param poll_interval: seconds between the trigger's polls of a deferred stage.
     """
 
     stage: str = ""
@@ -115,9 +123,13 @@ class RayDataBaseOperator(BaseOperator):
         tuning: dict[str, Any] | None = None,
         connect_timeout: float | None = None,
         stage_timeout: float | None = None,
+        deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
+        poll_interval: float = 2.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.deferrable = deferrable
+        self.poll_interval = poll_interval
         self.raydata_conn_id = raydata_conn_id
         self.staging_uri = staging_uri
         self.storage_options = storage_options
@@ -158,7 +170,37 @@ class RayDataBaseOperator(BaseOperator):
         spec = self.stage_spec(ti, **fields)
         ti.xcom_push(key=XCom.DASHBOARD_URL, value=self.hook.settings.dashboard_url or "")
         self.log.info("Running %s stage on %s", self.stage, self.hook.settings.label)
-        result = self.hook.run_stage(spec, timeout=self.stage_timeout)
+        if self.defers():
+            stage_id = self.hook.submit_stage(spec)
+            self.log.info("Submitted stage %s; deferring until it ends", stage_id)
+            deadline = time.time() + self.stage_timeout if self.stage_timeout else None
+            trigger = RayDataStageTrigger(self.raydata_conn_id, stage_id, deadline, self.poll_interval)
+            self.defer(trigger=trigger, method_name="execute_complete")
+        return self.finish_stage(context, self.hook.run_stage(spec, timeout=self.stage_timeout))
+
+    def defers(self) -> bool:
+        if not self.deferrable:
+            return False
+        if self.hook.settings.transport == "service":
+            return True
+        self.log.warning(
+            "deferrable=True needs a stage service connection (http(s)://); on %s the task waits in its slot",
+            self.hook.settings.label,
+        )
+        return False
+
+    def execute_complete(self, context, event: dict[str, Any]) -> Any:
+        """Resumed after the trigger fired: the stage's result from the service, then as ``execute``."""
+        if event["status"] == "timeout":
+            raise AirflowException(
+                f"Stage {event['stage_id']} did not finish within {self.stage_timeout}s on "
+                f"{self.hook.settings.label}; it was cancelled"
+            )
+        if event["status"] != "done":
+            raise AirflowException(f"Lost stage {event['stage_id']} while deferred: {event.get('message')}")
+        return self.finish_stage(context, self.hook.finished_stage(event["stage_id"]))
+
+    def finish_stage(self, context, result: StageResult) -> Any:
         try:
             return self._after_stage(context, result)
         except BaseException:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import threading
+import time
+from collections import OrderedDict
 from typing import Any
 
 import ray
@@ -14,26 +16,65 @@ from ..contracts import StageResult, StageSpec
 # How long a load published in an open transaction waits for its Airflow task to commit it; then
 # its process is ended and PostgreSQL rolls it back (the task died or lost the cluster).
 COMMIT_WAIT_SECONDS = 120
+KEPT_LOGS = 256  # stages whose log lines the executor keeps for their readers
+LOG_FLUSH_SECONDS = 0.5
 
 
 @ray.remote(num_cpus=0, max_restarts=0)
 class StageProcess:
-    """One stage in its own worker process, started ahead of time so the stage finds Ray Data,
-    pandas and pyarrow already imported. Killing it (a cancel) stops the stage, Ray Data's tasks
-    with it: a running method of a threaded actor, by contrast, cannot be interrupted."""
+    """One stage at a time in its own worker process, started ahead of time so the stage finds
+    Ray Data, pandas and pyarrow already imported. Killing it (a cancel) stops the stage, Ray
+    Data's tasks with it: a running method of a threaded actor, by contrast, cannot be interrupted.
+    Its log lines go to the executor every ``LOG_FLUSH_SECONDS`` from a thread of its own (an
+    actor method to read them would rename the process in the dashboard while the stage runs)."""
 
-    def __init__(self) -> None:
+    def __init__(self, executor: Any) -> None:
         from . import runner  # noqa: F401 - imports Ray Data, pandas and pyarrow now, not in the stage
+        from .stage_log import install
+
+        self.executor = executor
+        self.stage_log = install()
+        self.flush_lock = threading.Lock()
+        self.pushed: list[ray.ObjectRef] = []  # add_lines calls not yet known done
+        threading.Thread(target=self._flush_forever, name="raydata-stage-log", daemon=True).start()
 
     def run(self, spec: StageSpec) -> StageResult:
         from .runner import run_stage
+        from .stage_log import log
 
-        return run_stage(spec)
+        self.stage_log.start(spec.stage_id)
+        log.info("%s stage %s started in process %d", spec.stage, spec.name, os.getpid())
+        try:
+            result = run_stage(spec)
+            log.info("%s stage %s finished in %.2fs", spec.stage, spec.name, result.metrics.seconds)
+            return result
+        except BaseException as exc:
+            log.error("%s stage %s failed: %s: %s", spec.stage, spec.name, type(exc).__name__, exc)
+            raise
+        finally:
+            self._flush()
+            with self.flush_lock:  # every line is with the executor before the result is
+                pushed, self.pushed = self.pushed, []
+            ray.get(pushed)
 
     def commit_held_load(self, stage_id: str, commit: bool) -> None:
         from .runner import commit_held_load
 
         commit_held_load(stage_id, commit)
+
+    def _flush(self) -> None:
+        with self.flush_lock:
+            stage_id, start, lines = self.stage_log.take()
+            if lines:
+                self.pushed.append(self.executor.add_lines.remote(stage_id, start, lines))
+
+    def _flush_forever(self) -> None:
+        while True:
+            time.sleep(LOG_FLUSH_SECONDS)
+            try:
+                self._flush()
+            except Exception:  # noqa: BLE001 - the executor is going away: so is this process
+                pass
 
 
 # commit and cancel have threads of their own: 16 long-running stages must not hold them up.
@@ -60,13 +101,14 @@ class StageExecutor:
         self.idle: list[Any] = []  # warm StageProcesses
         # stage_id -> (identity, process, timer): a load awaiting its task's commit
         self.held: dict[str, tuple[tuple, Any, threading.Timer]] = {}
+        self.stage_lines: OrderedDict[str, list[dict[str, Any] | None]] = OrderedDict()
 
     def run(self, spec: StageSpec) -> StageResult:
         stage_id, identity = spec.stage_id, spec.produced_by.task
         with self.lock:
             entries = [*self.running.items(), *self.held.items()]
             older = [sid for sid, entry in entries if any(identity) and entry[0] == identity]
-            process = self.idle.pop() if self.idle else StageProcess.remote()
+            process = self.idle.pop() if self.idle else StageProcess.remote(ray.get_runtime_context().current_actor)
         for sid in older:
             self.cancel(sid)
         ref = process.run.options(name=spec.name or "raydata-stage").remote(spec)
@@ -127,6 +169,24 @@ class StageExecutor:
         ray.kill(process, no_restart=True)
         ray.wait([ref], timeout=30)
         return True
+
+    @ray.method(concurrency_group="control")
+    def add_lines(self, stage_id: str, start: int, lines: list[dict[str, Any]]) -> None:
+        from .stage_log import add_lines
+
+        with self.lock:
+            kept = self.stage_lines.setdefault(stage_id, [])
+            add_lines(kept, start, lines)
+            while len(self.stage_lines) > KEPT_LOGS:
+                self.stage_lines.popitem(last=False)
+
+    @ray.method(concurrency_group="control")
+    def logs(self, stage_id: str, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
+        """The stage's log lines from ``offset`` on, and the offset after them."""
+        from .stage_log import read_lines
+
+        with self.lock:
+            return read_lines(self.stage_lines.get(stage_id, []), offset)
 
     def pid(self) -> int:
         return os.getpid()

@@ -1,0 +1,3 @@
+from airflow_provider_raydata.triggers.raydata import RayDataStageTrigger
+
+__all__ = ["RayDataStageTrigger"]

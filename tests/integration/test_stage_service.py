@@ -1,0 +1,206 @@
+"""The stage service's HTTP transport against a real Ray head: the service job started through
+the Jobs API, its API, and the operators over ``http://`` (real PostgreSQL for a held load)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import uuid
+
+import httpx
+import pyarrow.parquet as pq
+import pytest
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
+
+from airflow_provider_raydata.contracts import ProducedBy, StageSpec
+from airflow_provider_raydata.hooks.ray import RayHook
+from airflow_provider_raydata.hooks.stage_service import JobsApi
+from airflow_provider_raydata.operators import RayDataLoadOperator, RayDataTransformOperator
+from airflow_provider_raydata.wire import encode_spec
+from tests.conftest import ROOT, SERVICE_TOKEN
+from tests.helpers import run_operator
+from tests.integration.test_faults import (
+    committed_attempts,
+    committed_ids,
+    in_thread,
+    processes,
+    slow_transform,
+    wait_for_processes,
+)
+from tests.services import free_port
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+PIPELINE_SCRIPT = """
+import json, sys
+from airflow_provider_raydata.operators import RayDataQualityOperator, RayDataTransformOperator
+from tests.helpers import run_operator
+from tests.slow_functions import slow_double
+
+ref, staging = json.loads(sys.argv[1]), sys.argv[2]
+clean = RayDataTransformOperator(task_id="clean", input=ref, fn=slow_double, fn_kwargs={"seconds": 0},
+                                 steps=[{"op": "filter", "expr": "id >= 10"}], staging_uri=staging)
+out, _ = run_operator(clean)
+checked = RayDataQualityOperator(task_id="quality", input=out, staging_uri=staging,
+                                 checks=[{"check": "not_null", "column": "doubled"}])
+final, _ = run_operator(checked)
+print("RESULT " + json.dumps({"rows": final["num_rows"], "ray_imported": "ray" in sys.modules}))
+"""
+
+
+def api(url: str, token: str | None = SERVICE_TOKEN) -> httpx.Client:
+    return httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"} if token else {}, timeout=60)
+
+
+def test_a_task_process_on_the_service_imports_no_ray_and_logs_stage_lines_at_their_levels(service_conn, tmp_path):
+    ref = committed_ids(tmp_path / "in", files=4, rows_per_file=50)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-c", PIPELINE_SCRIPT, json.dumps(ref), str(tmp_path / "staging")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-4000:]
+    result = json.loads(output.split("RESULT ", 1)[1].splitlines()[0])
+    assert result == {"rows": 190, "ray_imported": False}
+    # The stage's own lines reach the task log while it runs, at their own level (Ray Data's
+    # informational lines used to show as ERROR lines read from stderr), each line once.
+    started = [line for line in output.splitlines() if "[stage] Starting execution of Dataset" in line]
+    assert len(started) == 2 and all("[info" in line for line in started), started
+    assert not [line for line in output.splitlines() if "[stage]" in line and "[error" in line]
+    assert "quality stage tests.quality finished" in output
+
+
+def test_the_api_answers_bad_requests_with_a_4xx_naming_the_problem_and_keeps_serving(service_conn):
+    RayHook().service()  # started (or found) through the Jobs API
+    url = service_conn["host"]
+    spec = StageSpec(stage="extract", name="tests.bad", produced_by=ProducedBy(), stage_id="bad-1")
+    with api(url, token=None) as anonymous, api(url, token="not-the-token") as wrong, api(url) as client:
+        assert anonymous.get("/v1/health").status_code == 401
+        answer = wrong.post("/v1/stages", json={"spec": encode_spec(spec)})
+        assert answer.status_code == 401 and answer.json() == {"error": "missing or wrong bearer token"}
+        bad_json = client.post("/v1/stages", content=b"{not json", headers={"Content-Type": "application/json"})
+        assert bad_json.status_code == 400 and "not JSON" in bad_json.json()["error"]
+        no_spec = client.post("/v1/stages", json={"stage": "extract"})
+        assert no_spec.status_code == 400 and '"spec"' in no_spec.json()["error"]
+        typo = client.post("/v1/stages", json={"spec": {**encode_spec(spec), "stagee": "x"}})
+        assert typo.status_code == 400 and "stagee" in typo.json()["error"]
+        bad_id = client.post("/v1/stages", json={"spec": {**encode_spec(spec), "stage_id": "../etc"}})
+        assert bad_id.status_code == 400 and "stage_id" in bad_id.json()["error"]
+        assert client.get("/v1/stages/never-submitted").status_code == 404
+        assert "no route" in client.get("/v1/nothing-here").json()["error"]
+        huge = client.post(
+            "/v1/stages", content=b"x" * (33 * 1024 * 1024), headers={"Content-Type": "application/json"}
+        )
+        assert huge.status_code == 413 and "limit" in huge.json()["error"]
+        health = client.get("/v1/health").json()  # still serving
+    from airflow_provider_raydata import __version__
+
+    assert health["version"] == __version__ and health["ray_version"] == "2.60.0"
+
+
+def test_a_wrong_token_fails_naming_the_url_and_never_the_token(
+    ray_head, stage_service, service_conn, monkeypatch, tmp_path
+):
+    RayHook().service()
+    conn = {**service_conn, "password": "a-wrong-secret-token"}
+    monkeypatch.setenv("AIRFLOW_CONN_RAYDATA_WRONG", json.dumps(conn))
+    ref = committed_ids(tmp_path / "in", files=1, rows_per_file=10)
+    op = RayDataTransformOperator(
+        task_id="wrong_token",
+        input=ref,
+        steps=[{"op": "select", "columns": ["id"]}],
+        raydata_conn_id="raydata_wrong",
+        staging_uri=str(tmp_path / "stg"),
+    )
+    with pytest.raises(AirflowException) as failure:
+        run_operator(op)
+    assert f"The stage service at {stage_service} rejected the token" in str(failure.value)
+    assert "a-wrong-secret-token" not in str(failure.value)
+
+
+def test_a_repeated_submit_is_the_same_stage_and_a_cancel_stops_it_with_nothing_committed(service_conn, tmp_path):
+    hook = RayHook()
+    service = hook.service()
+    ref = committed_ids(tmp_path / "in", files=16, rows_per_file=100)
+    staging = tmp_path / "staging"
+    op = slow_transform("cancelled", ref, staging)
+    from tests.helpers import FakeTaskInstance
+
+    ti = FakeTaskInstance(task_id="cancelled")
+    fields = op.stage_fields({"ti": ti})
+    fields["output_uri"] = str(staging / "cancelled")
+    spec = op.stage_spec(ti, stage_id=f"cancel-{uuid.uuid4().hex[:8]}", **fields)
+    first, again = service.submit(spec), service.submit(spec)
+    assert first["stage_id"] == again["stage_id"] and first["submitted"] == again["submitted"]
+    stage_process = wait_for_processes("ray::tests.cancelled", timeout=120)[0]
+    assert len(processes("ray::tests.cancelled")) == 1  # one stage ran, not two
+    view = service.cancel(spec.stage_id)
+    assert view["cancelled"] is True and view["state"] == "cancelled"
+    stage_process.wait(timeout=30)
+    assert service.status(spec.stage_id)["state"] == "cancelled"
+    assert committed_attempts(staging, "cancelled") == []
+
+
+def test_a_postgres_load_over_the_service_is_committed_once(service_conn, pg, tmp_path):
+    ref = committed_ids(tmp_path / "in", files=2, rows_per_file=100)
+    destination = {"kind": "postgres", "postgres_conn_id": pg.conn_id, "table": "public.ids"}
+    for attempt in (1, 2):  # a retry of the same run's append publishes nothing twice
+        op = RayDataLoadOperator(task_id="load_ids", input=ref, destination=destination, mode="append")
+        load, _ = run_operator(op, try_number=attempt)
+        assert load["skipped"] is (attempt == 2)
+    assert pg.conn.execute("SELECT count(*), count(DISTINCT id) FROM public.ids").fetchone() == (200, 200)
+
+
+def service_jobs(dashboard_url: str, port: int) -> list[dict]:
+    jobs = JobsApi(dashboard_url, {}).call("GET", "/api/jobs/")
+    return [j for j in jobs if (j.get("metadata") or {}).get("port") == str(port)]
+
+
+def test_first_tasks_starting_together_start_one_service_job_and_a_killed_one_is_restarted_by_the_retry(
+    ray_head, service_conn, monkeypatch, tmp_path
+):
+    port = free_port()  # a service of its own: this test stops it
+    conn = {**service_conn, "host": f"http://127.0.0.1:{port}"}
+    monkeypatch.setenv("AIRFLOW_CONN_RAYDATA_OWN", json.dumps(conn))
+    errors: list[BaseException] = []
+
+    def first_task() -> None:
+        try:
+            RayHook("raydata_own").service()
+        except BaseException as exc:  # noqa: BLE001 - asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=first_task) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(180)
+    assert errors == []
+    jobs = service_jobs(ray_head.dashboard_url, port)
+    assert [job["status"] for job in jobs] == ["RUNNING"], jobs
+
+    ref = committed_ids(tmp_path / "in", files=8, rows_per_file=500)
+    staging = tmp_path / "staging"
+    op = slow_transform("service_kill", ref, staging, raydata_conn_id="raydata_own")
+    thread, outcome = in_thread(lambda: run_operator(op)[0])
+    wait_for_processes("ray::tests.service_kill", timeout=120)
+    JobsApi(ray_head.dashboard_url, {}).call("POST", f"/api/jobs/{jobs[0]['submission_id']}/stop")
+    thread.join(120)
+    error = outcome.get("error")
+    assert isinstance(error, AirflowException) and not isinstance(error, AirflowFailException), error
+    assert f"http://127.0.0.1:{port}" in str(error)
+    assert committed_attempts(staging, "service_kill") == []
+    op = slow_transform("service_kill", ref, staging, raydata_conn_id="raydata_own")
+    out, _ = run_operator(op, try_number=2)  # Airflow's retry: a new service job, and the stage completes
+    assert out["num_rows"] == 4000 == pq.read_table(out["uri"]).num_rows
+    running = [job for job in service_jobs(ray_head.dashboard_url, port) if job["status"] == "RUNNING"]
+    assert len(running) == 1 and running[0]["submission_id"] != jobs[0]["submission_id"]
+    JobsApi(ray_head.dashboard_url, {}).call("POST", f"/api/jobs/{running[0]['submission_id']}/stop")
