@@ -28,6 +28,9 @@ def get_provider_info() -> dict:
                 "python-modules": ["airflow_provider_raydata.operators.raydata"],
             }
         ],
+        "triggers": [
+            {"integration-name": "Ray Data", "python-modules": ["airflow_provider_raydata.triggers.raydata"]}
+        ],
         "extra-links": ["airflow_provider_raydata.operators.raydata.RayDashboardLink"],
         "connection-types": [
             {
@@ -60,9 +63,9 @@ def get_provider_info() -> dict:
                 },
                 "ui-field-behaviour": {
                     "hidden-fields": ["schema", "login"],
-                    "relabeling": {"host": "Ray Client host", "password": "Ray auth token"},
+                    "relabeling": {"host": "Stage service URL or Ray Client host", "password": "Auth token"},
                     "placeholders": {
-                        "host": "ray-head.example.com (empty: embedded local Ray)",
+                        "host": "http://ray-head:8477 (stage service) or ray-head (Ray Client); empty: embedded Ray",
                         "port": "10001",
                         "password": "token for clusters started with RAY_AUTH_MODE=token",
                     },
