@@ -28,9 +28,7 @@ def get_provider_info() -> dict:
                 "python-modules": ["airflow_provider_raydata.operators.raydata"],
             }
         ],
-        "triggers": [
-            {"integration-name": "Ray Data", "python-modules": ["airflow_provider_raydata.triggers.raydata"]}
-        ],
+        "triggers": [{"integration-name": "Ray Data", "python-modules": ["airflow_provider_raydata.triggers.raydata"]}],
         "extra-links": ["airflow_provider_raydata.operators.raydata.RayDashboardLink"],
         "connection-types": [
             {

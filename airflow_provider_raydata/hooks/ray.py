@@ -439,7 +439,12 @@ class RayHook(BaseHook):
         if self._running is None and not self._held:
             return
         if self.settings.service_url:
-            stopped = self.service().cancel(self._stage_id)["cancelled"]
+            # A client of its own: on_kill runs in a signal handler, maybe inside a call of the main one.
+            client = StageServiceClient(self.service().target)
+            try:
+                stopped = client.cancel(self._stage_id)["cancelled"]
+            finally:
+                client.close()
             self.log.warning(
                 "Cancelled stage %s on %s (%s)",
                 self._stage_id,

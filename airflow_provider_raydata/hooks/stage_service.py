@@ -149,6 +149,12 @@ class StageServiceClient:
             health = None
         if health is not None and (health.get("version"), health.get("protocol")) == (__version__, PROTOCOL):
             return health
+        if not self.target.dashboard_url:
+            raise AirflowException(
+                f"The stage service at {self.target.url} runs provider {health.get('version')} (protocol "
+                f"{health.get('protocol')}), this worker {__version__} (protocol {PROTOCOL}); give the connection a "
+                "dashboard_url so the provider can replace it, or restart it with this version"
+            )
         jobs = JobsApi(self.target.dashboard_url or "", self.target.headers)
         if health is not None:
             log.warning(

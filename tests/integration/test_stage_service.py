@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -204,3 +205,22 @@ def test_first_tasks_starting_together_start_one_service_job_and_a_killed_one_is
     running = [job for job in service_jobs(ray_head.dashboard_url, port) if job["status"] == "RUNNING"]
     assert len(running) == 1 and running[0]["submission_id"] != jobs[0]["submission_id"]
     JobsApi(ray_head.dashboard_url, {}).call("POST", f"/api/jobs/{running[0]['submission_id']}/stop")
+
+
+def test_on_kill_over_the_service_cancels_the_stage_and_nothing_is_committed(service_conn, tmp_path):
+    from tests.integration.test_faults import ON_KILL_SCRIPT
+
+    RayHook().service()
+    ref = committed_ids(tmp_path / "in", files=16, rows_per_file=500)
+    staging = tmp_path / "staging"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    task = subprocess.Popen([sys.executable, "-c", ON_KILL_SCRIPT, json.dumps(ref), str(staging)], cwd=ROOT, env=env)
+    try:
+        stage = wait_for_processes("ray::tests.killed", timeout=120)[0]
+        wait_for_processes("MapBatches(slow_double)")
+        task.send_signal(signal.SIGTERM)  # Airflow: the task was marked failed or cleared
+        stage.wait(timeout=30)
+        assert task.wait(timeout=60) != 0
+    finally:
+        task.kill()
+    assert committed_attempts(staging, "killed") == []
