@@ -5,6 +5,7 @@ completes through the trigger, and a deferred task marked failed has its stage c
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -55,6 +56,13 @@ def test_a_deferred_stage_completes_through_the_trigger_and_marking_it_failed_ca
         killed = stack.api("POST", "dags/raydata_deferred_killed/dagRuns", json={"logical_date": None})["dag_run_id"]
         stack.wait_for_task_state("raydata_deferred_killed", killed, "slow", ["deferred"], timeout=180)
         stage = wait_for_processes("ray::raydata_deferred_killed.slow", timeout=120)[0]
+        # on_kill runs in the triggerer: wait until it polls this stage. (A task marked failed before
+        # any triggerer picked up its trigger is not cancelled: see the README.)
+        trigger_log = stack.logs / "dag_id=raydata_deferred_killed" / f"run_id={killed}" / "task_id=slow"
+        deadline = time.monotonic() + 120
+        while "[stage]" not in "".join(p.read_text() for p in trigger_log.glob("attempt=1.log.trigger*")):
+            assert time.monotonic() < deadline, "the triggerer never polled the stage"
+            time.sleep(0.5)
         stack.set_task_state("raydata_deferred_killed", killed, "slow", "failed")
         stage.wait(timeout=60)  # the trigger's on_kill cancelled the stage: its process is gone
         assert stack.task_instance("raydata_deferred_killed", killed, "slow")["state"] == "failed"
