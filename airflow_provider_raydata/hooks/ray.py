@@ -34,6 +34,7 @@ from airflow_provider_raydata.hooks.stage_service import (
     JobsApi,
     ServiceTarget,
     StageServiceClient,
+    log_stage_lines,
     stage_outcome,
 )
 from airflow_provider_raydata.runtime.errors import root_cause
@@ -48,7 +49,6 @@ CANCEL_TIMEOUT = 40  # the executor waits up to 30 s for the stage's process to 
 TRANSIENT_CONNECT_ERRORS = ("Initialization failure from server", "ray client connection timeout")
 LOG_POLL_SECONDS = 1.0  # how often a running stage's new log lines are fetched
 SERVICE_POLL_ATTEMPTS = 5  # polls of a stage service that does not answer before the stage is lost
-LEVELS = {"DEBUG": 10, "INFO": 20, "WARNING": 30, "ERROR": 40, "CRITICAL": 50}
 
 
 @dataclass
@@ -258,9 +258,7 @@ class RayHook(BaseHook):
         return result
 
     def emit_stage_lines(self, lines: list[dict[str, Any]]) -> None:
-        """A stage's log lines into the task log, each at its own level."""
-        for line in lines:
-            self.log.log(LEVELS.get(line.get("level"), 20), "[stage] %s", line.get("message"))
+        log_stage_lines(self.log, lines)
 
     def _run_on_service(self, spec: StageSpec, timeout: float | None) -> StageResult:
         service = self.service()
@@ -290,19 +288,21 @@ class RayHook(BaseHook):
 
     def _poll(self, service: StageServiceClient, stage_id: str, offset: int) -> dict[str, Any]:
         """The stage's new log lines and state; a service gone for good loses the stage (retryable)."""
-        for attempt in range(1, SERVICE_POLL_ATTEMPTS + 1):
+        attempt = 1
+        while True:
             try:
                 return service.logs(stage_id, offset)
             except AirflowException as exc:
-                if "unreachable" not in str(exc) and "no stage" not in str(exc):
+                lost = "no stage" in str(exc)
+                if not lost and "unreachable" not in str(exc):
                     raise
-                if attempt == SERVICE_POLL_ATTEMPTS or "no stage" in str(exc):
+                if lost or attempt == SERVICE_POLL_ATTEMPTS:
                     raise AirflowException(
                         f"Lost stage {stage_id} on {self.settings.label}: the stage service stopped answering "
                         f"for it ({exc}); a retry starts the service again"
                     ) from None
-                time.sleep(1)
-        raise AssertionError("unreachable")
+            attempt += 1
+            time.sleep(1)
 
     # --- both transports --------------------------------------------------------------------
 

@@ -26,6 +26,13 @@ DEFAULT_SERVICE_PORT = 8477
 FINAL_STATES = frozenset({"succeeded", "failed", "cancelled", "rolled_back"})
 LIVE_JOB_STATES = frozenset({"PENDING", "RUNNING"})
 REQUEST_TIMEOUT = 30.0
+LEVELS = {"DEBUG": 10, "INFO": 20, "WARNING": 30, "ERROR": 40, "CRITICAL": 50}
+
+
+def log_stage_lines(logger: logging.Logger, lines: list[dict[str, Any]]) -> None:
+    """A stage's log lines into the task log (worker or triggerer), each at its own level."""
+    for line in lines:
+        logger.log(LEVELS.get(line.get("level"), logging.INFO), "[stage] %s", line.get("message"))
 
 
 @dataclass(frozen=True)
@@ -155,7 +162,7 @@ class StageServiceClient:
                 f"{health.get('protocol')}), this worker {__version__} (protocol {PROTOCOL}); give the connection a "
                 "dashboard_url so the provider can replace it, or restart it with this version"
             )
-        jobs = JobsApi(self.target.dashboard_url or "", self.target.headers)
+        jobs = JobsApi(self.target.dashboard_url, self.target.headers)
         if health is not None:
             log.warning(
                 "The stage service at %s runs provider %s (protocol %s); replacing it with %s (protocol %s)",

@@ -156,15 +156,15 @@ class StageService:
     async def submit(self, request: web.Request) -> web.Response:
         body = await _json_body(request)
         if not isinstance(body.get("spec"), dict):
-            raise _bad(400, 'the body needs "spec": a stage spec object')
+            raise RequestError(400, 'the body needs "spec": a stage spec object')
         try:
             spec = decode_spec(body["spec"])
         except (DataError, TypeError) as exc:
-            raise _bad(400, f"invalid stage spec: {exc}") from None
+            raise RequestError(400, f"invalid stage spec: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - e.g. a function pickled for another Python
-            raise _bad(400, f"invalid stage spec: {type(exc).__name__}: {exc}") from None
+            raise RequestError(400, f"invalid stage spec: {type(exc).__name__}: {exc}") from None
         if not STAGE_ID.match(spec.stage_id):
-            raise _bad(400, "stage_id must be 1-128 letters, digits, '_', '.' or '-'")
+            raise RequestError(400, "stage_id must be 1-128 letters, digits, '_', '.' or '-'")
         existing = self.stages.get(spec.stage_id)
         if existing is not None:  # a repeated submit (a retried request): the same stage
             return web.json_response(existing.view())
@@ -185,7 +185,7 @@ class StageService:
         try:
             offset = int(request.query.get("offset", "0"))
         except ValueError:
-            raise _bad(400, f"offset must be an integer, got {request.query['offset']!r}") from None
+            raise RequestError(400, f"offset must be an integer, got {request.query['offset']!r}") from None
         lines, next_offset = await self.executor.logs.remote(stage.stage_id, max(offset, 0))
         return web.json_response({"lines": lines, "next_offset": next_offset, "state": stage.state})
 
@@ -205,12 +205,12 @@ class StageService:
         body = await _json_body(request)
         commit = body.get("commit", True)
         if not isinstance(commit, bool):
-            raise _bad(400, '"commit" must be true or false')
+            raise RequestError(400, '"commit" must be true or false')
         wanted = "succeeded" if commit else "rolled_back"
         if stage.state == wanted:  # a repeated call (the triggerer restarted): already done
             return web.json_response({**stage.view(), "done": True})
         if stage.state != "held":
-            raise _bad(409, f"stage {stage.stage_id} holds no load to commit (state {stage.state})")
+            raise RequestError(409, f"stage {stage.stage_id} holds no load to commit (state {stage.state})")
         try:
             done = await self.executor.commit.remote(stage.stage_id, commit)
         except Exception as exc:  # noqa: BLE001 - the COMMIT itself failed: nothing published
@@ -248,7 +248,8 @@ class StageService:
         stage_id = request.match_info["stage_id"]
         stage = self.stages.get(stage_id)
         if stage is None:
-            raise _bad(404, f"no stage {stage_id!r} on this service (it never ran here, or the service restarted)")
+            reason = "it never ran here, or the service restarted"
+            raise RequestError(404, f"no stage {stage_id!r} on this service ({reason})")
         return stage
 
     def _forget_old(self) -> None:
@@ -269,17 +270,13 @@ class RequestError(Exception):
         self.status = status
 
 
-def _bad(status: int, message: str) -> RequestError:
-    return RequestError(status, message)
-
-
 async def _json_body(request: web.Request) -> dict[str, Any]:
     try:
         body = await request.json()
     except json.JSONDecodeError as exc:
-        raise _bad(400, f"the request body is not JSON: {exc.msg} at position {exc.pos}") from None
+        raise RequestError(400, f"the request body is not JSON: {exc.msg} at position {exc.pos}") from None
     if not isinstance(body, dict):
-        raise _bad(400, "the request body must be a JSON object")
+        raise RequestError(400, "the request body must be a JSON object")
     return body
 
 

@@ -16,9 +16,14 @@ from airflow.sdk import BaseHook
 from airflow.sdk.exceptions import AirflowException
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-from airflow_provider_raydata.hooks.stage_service import FINAL_STATES, REQUEST_TIMEOUT, check_response, unreachable
+from airflow_provider_raydata.hooks.stage_service import (
+    FINAL_STATES,
+    REQUEST_TIMEOUT,
+    check_response,
+    log_stage_lines,
+    unreachable,
+)
 
-LEVELS = {"DEBUG": 10, "INFO": 20, "WARNING": 30, "ERROR": 40, "CRITICAL": 50}
 # Consecutive failed polls (the service restarting, a network blip) before the task is told.
 MAX_POLL_FAILURES = 10
 
@@ -94,14 +99,14 @@ class RayDataStageTrigger(BaseTrigger):
                     self.log.warning("Polling stage %s failed (%d): %s", self.stage_id, failures, exc)
                     await asyncio.sleep(self.poll_interval)
                     continue
-                self.emit(page["lines"])
+                log_stage_lines(self.log, page["lines"])
                 offset = page["next_offset"]
                 state = page["state"]
                 if state == "held":  # a PostgreSQL load published in an open transaction: commit it now
                     state = (await self.call(http, url, "POST", f"{base}/commit", json={"commit": True}))["state"]
                 if state in FINAL_STATES:
                     final = await self.call(http, url, "GET", f"{base}/logs", params={"offset": offset})
-                    self.emit(final["lines"])
+                    log_stage_lines(self.log, final["lines"])
                     yield self.event("done", state=state)
                     return
                 if self.deadline is not None and time.time() > self.deadline:
@@ -112,10 +117,6 @@ class RayDataStageTrigger(BaseTrigger):
 
     def event(self, status: str, **fields: Any) -> TriggerEvent:
         return TriggerEvent({"status": status, "stage_id": self.stage_id, **fields})
-
-    def emit(self, lines: list[dict[str, Any]]) -> None:
-        for line in lines:
-            self.log.log(LEVELS.get(line.get("level"), 20), "[stage] %s", line.get("message"))
 
     async def on_kill(self) -> None:
         """The user marked the deferred task failed or cleared it: stop its stage (Airflow 3.3+).
