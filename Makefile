@@ -7,7 +7,7 @@ export RAY_AUTH_MODE ?= disabled
 $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q uv
-	$(VENV)/bin/uv pip install -q --python $(PY) -c constraints.txt -e ".[dev]"
+	$(VENV)/bin/uv pip install -q --compile-bytecode --python $(PY) -c constraints.txt -e ".[dev]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -1,12 +1,15 @@
-"""The daily pipeline at TPC-H scale: the provider's operators over ray:// against the same
-work written by hand as one Ray Data driver on the same cluster, in the same run.
+"""The daily pipeline at TPC-H scale: the provider's operators, over each transport, against the
+same work written by hand as one Ray Data driver on the same cluster, in the same run.
 
-    python benchmarks/daily_pipeline.py [--scale 1 0.1] [--out benchmarks/results/daily_pipeline.json]
+    python benchmarks/daily_pipeline.py [--scale 1 0.1] [--transports ray_client service]
+                                        [--out benchmarks/results/daily_pipeline.json]
 
 Starts its own Ray head (2 CPUs), generates TPC-H data with tpchgen-cli, then per scale factor:
   handwritten_default  one remote task, Ray Data's default settings
   handwritten_tuned    one remote task, the runtime's settings, broadcast joins and two-phase aggregation
   operators            Extract x4, Transform, Quality, Load through RayHook, one ray:// session each
+  operators_service    the same over the stage service's HTTP API (http://; its job started beforehand,
+                       as in a deployment where it runs all day)
 Reports wall seconds per stage, rows/s and this (Airflow-side) process's peak RSS.
 """
 
@@ -28,7 +31,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="raydata-bench-airflow-"))
 
 from tests.helpers import run_operator  # noqa: E402
-from tests.services import BIN, RayHead  # noqa: E402
+from tests.services import BIN, RayHead, free_port  # noqa: E402
 
 YEAR = ("1995-01-01", "1996-01-01")
 MONEY = {"l_extendedprice": "float64", "l_discount": "float64", "l_tax": "float64", "l_quantity": "float64"}
@@ -289,38 +292,54 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--scale", type=float, nargs="+", default=[1.0, 0.1])
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "daily_pipeline.json"))
+    parser.add_argument("--transports", nargs="+", default=["ray_client", "service"])
     parser.add_argument("--data", default=str(ROOT / ".bench" / "tpch"))
     args = parser.parse_args()
     head = RayHead(Path(tempfile.mkdtemp(prefix="rayb-")))
     head.start()
-    os.environ["AIRFLOW_CONN_RAYDATA_DEFAULT"] = json.dumps(head.connection())
-    results = {"cluster": "ray start --head --num-cpus=2 on this machine, reached over ray://", "runs": {}}
+    service = {
+        "conn_type": "raydata",
+        "host": f"http://127.0.0.1:{free_port()}",
+        "password": "raydata-benchmark-token",
+        "extra": {"dashboard_url": head.dashboard_url},
+    }
+    conns = {"ray_client": head.connection(), "service": service}
+    results = {"cluster": "ray start --head --num-cpus=2 on this machine", "runs": {}}
     try:
+        if "service" in args.transports:
+            os.environ["AIRFLOW_CONN_RAYDATA_DEFAULT"] = json.dumps(service)
+            from airflow_provider_raydata.hooks.ray import RayHook
+
+            RayHook().service()  # starts the service job
         for scale in args.scale:
             source = generate(Path(args.data), scale)
-            work = Path(tempfile.mkdtemp(prefix=f"bench-sf{scale:g}-"))
             lineitem_rows = pq_rows(source / "lineitem.parquet")
             run = {"lineitem_rows": lineitem_rows}
-            # The operators run in a fresh process per scale factor, as an Airflow task would:
-            # its peak RSS is the Airflow side's memory for that input size.
-            child = subprocess.run(
-                [sys.executable, __file__, "--operators-only", str(source), str(work)],
-                capture_output=True,
-                text=True,
-                env=os.environ,
-                check=False,
-            )
-            if child.returncode != 0:
-                raise RuntimeError(child.stderr[-3000:])
-            run["operators"] = json.loads(child.stdout.strip().splitlines()[-1])
+            for transport in args.transports:
+                # The operators run in a fresh process per scale factor, as an Airflow task would:
+                # its peak RSS is the Airflow side's memory for that input size.
+                work = Path(tempfile.mkdtemp(prefix=f"bench-sf{scale:g}-{transport}-"))
+                child = subprocess.run(
+                    [sys.executable, __file__, "--operators-only", str(source), str(work)],
+                    capture_output=True,
+                    text=True,
+                    env={**os.environ, "AIRFLOW_CONN_RAYDATA_DEFAULT": json.dumps(conns[transport])},
+                    check=False,
+                )
+                if child.returncode != 0:
+                    raise RuntimeError(child.stderr[-3000:])
+                key = "operators" if transport == "ray_client" else f"operators_{transport}"
+                run[key] = json.loads(child.stdout.strip().splitlines()[-1])
             for tuned in (False, True):
                 key = "handwritten_tuned" if tuned else "handwritten_default"
                 run[key] = run_handwritten(head, source, work, tuned)
-            ops = run["operators"]["wall_seconds"]
-            run["operators"]["lineitem_rows_per_second"] = round(lineitem_rows / ops)
-            run["ratio_to_handwritten_default"] = round(ops / run["handwritten_default"]["wall_seconds"], 2)
-            run["ratio_to_handwritten_tuned"] = round(ops / run["handwritten_tuned"]["wall_seconds"], 2)
-            assert run["handwritten_tuned"]["rows_out"] == run["operators"]["rows_out"], "results differ"
+            for key in [k for k in list(run) if k.startswith("operators")]:
+                ops, suffix = run[key]["wall_seconds"], key.removeprefix("operators")
+                run[key]["lineitem_rows_per_second"] = round(lineitem_rows / ops)
+                for script in ("default", "tuned"):
+                    hand = run[f"handwritten_{script}"]["wall_seconds"]
+                    run[f"ratio_to_handwritten_{script}{suffix}"] = round(ops / hand, 2)
+                assert run["handwritten_tuned"]["rows_out"] == run[key]["rows_out"], f"results differ ({key})"
             results["runs"][f"sf{scale:g}"] = run
             print(json.dumps({f"sf{scale:g}": run}, indent=2), flush=True)
     finally:

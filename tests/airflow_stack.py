@@ -150,16 +150,7 @@ class AirflowStack:
                 self._start_postgres()
             self._run(["db", "migrate"], "migrate", timeout=300)
             for name in self.components:
-                with open(self.logs / f"{name}.log", "ab") as log:
-                    self.procs[name] = subprocess.Popen(
-                        [self.airflow, name],
-                        env=self.environ,
-                        cwd=self.home,
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                        stdin=subprocess.DEVNULL,
-                        start_new_session=True,
-                    )
+                self._spawn(name)
             self._wait(self._healthy, self.startup_timeout, "the Airflow processes to become healthy")
             token = httpx.get(f"{self.base_url}/auth/token", timeout=30).json()["access_token"]
             self._client = httpx.Client(
@@ -168,6 +159,34 @@ class AirflowStack:
         except BaseException:
             self.stop()
             raise
+
+    def _spawn(self, name: str) -> None:
+        with open(self.logs / f"{name}.log", "ab") as log:
+            self.procs[name] = subprocess.Popen(
+                [self.airflow, name],
+                env=self.environ,
+                cwd=self.home,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+
+    def kill(self, name: str) -> None:
+        """SIGKILL one component (e.g. the triggerer) and all of its descendants, as a crash would."""
+        parent = psutil.Process(self.procs.pop(name).pid)
+        victims = [parent, *parent.children(recursive=True)]
+        for p in victims:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(victims, timeout=10)
+
+    def restart(self, name: str) -> None:
+        """Start a killed component again and wait until the deployment reports it healthy."""
+        self._spawn(name)
+        self._wait(self._healthy, self.startup_timeout, f"the restarted {name} to become healthy")
 
     def stop(self, timeout: float = 20.0) -> None:
         """Terminate every process we started and all of their descendants (tasks have own groups)."""
@@ -435,6 +454,15 @@ class AirflowStack:
             return all(b["completed_at"] for b in backfills)
 
         self._wait(idle, timeout, f"the active backfill of {dag_id} to complete", every=1)
+
+    def wait_for_run(self, dag_id: str, run_id: str, timeout: float = 600) -> dict[str, Any]:
+        """Wait until the DAG run is success/failed and return it."""
+
+        def final() -> dict[str, Any] | None:
+            run = self.api("GET", f"dags/{dag_id}/dagRuns/{run_id}")
+            return run if run["state"] in FINAL_RUN_STATES else None
+
+        return self._wait(final, timeout, f"run {run_id} of {dag_id}", every=1)
 
     # ------------------------------------------------------------------ task instances
     def task_instance(self, dag_id: str, run_id: str, task_id: str) -> dict[str, Any]:

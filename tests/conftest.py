@@ -6,6 +6,7 @@ it instead of skipping them.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -101,9 +102,9 @@ def postgres_server():
     shutil.rmtree(server.data_dir.parent, ignore_errors=True)
 
 
-@pytest.fixture
-def pg(postgres_server, monkeypatch):
-    """A fresh database for one test, reachable as the Airflow connection ``pg_test``."""
+@contextlib.contextmanager
+def new_database(postgres_server):
+    """A fresh database on the session's server: its connection JSON and an open connection."""
     import json
     import uuid
     from types import SimpleNamespace
@@ -114,9 +115,17 @@ def pg(postgres_server, monkeypatch):
     with psycopg.connect(**postgres_server.params, autocommit=True) as admin:
         admin.execute(f"CREATE DATABASE {name}")
     params = {**postgres_server.params, "dbname": name}
-    monkeypatch.setenv("AIRFLOW_CONN_PG_TEST", json.dumps({**postgres_server.connection(), "schema": name}))
+    airflow_conn = json.dumps({**postgres_server.connection(), "schema": name})
     with psycopg.connect(**params, autocommit=True) as conn:
-        yield SimpleNamespace(conn=conn, params=params, conn_id="pg_test", dbname=name)
+        yield SimpleNamespace(conn=conn, params=params, conn_id="pg_test", dbname=name, airflow_conn=airflow_conn)
+
+
+@pytest.fixture
+def pg(postgres_server, monkeypatch):
+    """A fresh database for one test, reachable as the Airflow connection ``pg_test``."""
+    with new_database(postgres_server) as db:
+        monkeypatch.setenv("AIRFLOW_CONN_PG_TEST", db.airflow_conn)
+        yield db
 
 
 @pytest.fixture(scope="session")

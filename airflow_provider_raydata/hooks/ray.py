@@ -31,6 +31,7 @@ from airflow_provider_raydata.contracts import PROTOCOL, StageResult, StageSpec,
 from airflow_provider_raydata.hooks.stage_service import (
     DEFAULT_SERVICE_PORT,
     FINAL_STATES,
+    LOG_WAIT_SECONDS,
     JobsApi,
     ServiceTarget,
     StageServiceClient,
@@ -266,9 +267,9 @@ class RayHook(BaseHook):
         service.submit(spec)
         self._running = spec.stage_id
         deadline = time.monotonic() + timeout if timeout else None
-        offset, pause = 0, 0.05
+        offset = 0
         try:
-            while True:
+            while True:  # each read waits on the service up to LOG_WAIT_SECONDS for the stage to end
                 page = self._poll(service, spec.stage_id, offset)
                 self.emit_stage_lines(page["lines"])
                 offset = page["next_offset"]
@@ -278,8 +279,6 @@ class RayHook(BaseHook):
                 if deadline and time.monotonic() > deadline:
                     self.cancel()
                     raise AirflowException(f"Stage did not finish within {timeout}s on {self.settings.label}")
-                time.sleep(pause)
-                pause = min(pause * 1.5, LOG_POLL_SECONDS)
             result = stage_outcome(service.status(spec.stage_id), self.settings.label)
         finally:
             self._running = None
@@ -291,7 +290,7 @@ class RayHook(BaseHook):
         attempt = 1
         while True:
             try:
-                return service.logs(stage_id, offset)
+                return service.logs(stage_id, offset, wait=LOG_WAIT_SECONDS)
             except AirflowException as exc:
                 lost = "no stage" in str(exc)
                 if not lost and "unreachable" not in str(exc):

@@ -103,7 +103,8 @@ class RayDataBaseOperator(BaseOperator):
         and defers to a trigger that polls the stage service (default: Airflow's
         ``[operators] default_deferrable``). Needs an ``http(s)://`` (stage service) connection;
         over ``ray://`` the task waits in its slot as before.
-    :param poll_interval: seconds between the trigger's polls of a deferred stage.
+    :param poll_interval: how long each of the trigger's reads of a deferred stage waits on the
+        service for the stage to end (its end is seen at once; its log lines arrive at this pace).
     """
 
     stage: str = ""

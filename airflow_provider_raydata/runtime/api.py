@@ -17,6 +17,7 @@ on a loopback address. Routes (JSON in and out; ``{"error": ...}`` with a 4xx na
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import ipaddress
@@ -40,6 +41,7 @@ log = logging.getLogger("airflow_provider_raydata.service")
 
 DEFAULT_PORT = 8477
 MAX_REQUEST_BYTES = 32 * 1024 * 1024  # a spec with a user function pickled by value
+MAX_LOG_WAIT_SECONDS = 10.0  # a log read waits at most this long for its stage to end
 KEPT_STAGES = 2000  # finished stages the service still answers for
 STAGE_ID = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 FINAL = frozenset({"succeeded", "failed", "cancelled", "rolled_back"})
@@ -56,6 +58,7 @@ class Stage:
     result: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
     cancelling: bool = False
+    ended: asyncio.Event = field(default_factory=asyncio.Event)  # left "running"
 
     def view(self) -> dict[str, Any]:
         end = self.finished or time.time()
@@ -186,6 +189,13 @@ class StageService:
             offset = int(request.query.get("offset", "0"))
         except ValueError:
             raise RequestError(400, f"offset must be an integer, got {request.query['offset']!r}") from None
+        try:
+            wait = min(float(request.query.get("wait", "0")), MAX_LOG_WAIT_SECONDS)
+        except ValueError:
+            raise RequestError(400, f"wait must be a number of seconds, got {request.query['wait']!r}") from None
+        if wait > 0 and stage.state == "running":
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stage.ended.wait(), wait)
         lines, next_offset = await self.executor.logs.remote(stage.stage_id, max(offset, 0))
         return web.json_response({"lines": lines, "next_offset": next_offset, "state": stage.state})
 
@@ -237,12 +247,14 @@ class StageService:
         if stage.state == "running":
             if result.held:
                 stage.state = "held"
+                stage.ended.set()
             else:
                 self._finish(stage, "succeeded")
         log.info("stage %s %s", stage.stage_id, stage.state)
 
     def _finish(self, stage: Stage, state: str) -> None:
         stage.state, stage.finished = state, time.time()
+        stage.ended.set()
 
     def _stage(self, request: web.Request) -> Stage:
         stage_id = request.match_info["stage_id"]

@@ -21,6 +21,7 @@ from airflow_provider_raydata.hooks.stage_service import (
     REQUEST_TIMEOUT,
     check_response,
     log_stage_lines,
+    ssl_context,
     unreachable,
 )
 
@@ -68,7 +69,8 @@ class RayDataStageTrigger(BaseTrigger):
         if not settings.service_url:
             raise AirflowException(f"Connection {self.raydata_conn_id!r} names no stage service (http(s)://...)")
         headers = {"Authorization": f"Bearer {settings.auth_token}"} if settings.auth_token else {}
-        http = httpx.AsyncClient(base_url=settings.service_url, headers=headers, timeout=REQUEST_TIMEOUT)
+        verify = await asyncio.to_thread(ssl_context)  # built once per triggerer, off the event loop
+        http = httpx.AsyncClient(base_url=settings.service_url, headers=headers, timeout=REQUEST_TIMEOUT, verify=verify)
         return http, settings.service_url
 
     async def call(self, http: httpx.AsyncClient, url: str, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
@@ -89,7 +91,9 @@ class RayDataStageTrigger(BaseTrigger):
         async with http:
             while True:
                 try:
-                    page = await self.call(http, url, "GET", f"{base}/logs", params={"offset": offset})
+                    # Answered when the stage ends, or after poll_interval: no sleep between reads.
+                    params = {"offset": offset, "wait": self.poll_interval}
+                    page = await self.call(http, url, "GET", f"{base}/logs", params=params)
                     failures = 0
                 except AirflowException as exc:
                     failures += 1
@@ -113,7 +117,6 @@ class RayDataStageTrigger(BaseTrigger):
                     await self.call(http, url, "POST", f"{base}/cancel")
                     yield self.event("timeout")
                     return
-                await asyncio.sleep(self.poll_interval)
 
     def event(self, status: str, **fields: Any) -> TriggerEvent:
         return TriggerEvent({"status": status, "stage_id": self.stage_id, **fields})

@@ -224,3 +224,50 @@ def test_on_kill_over_the_service_cancels_the_stage_and_nothing_is_committed(ser
     finally:
         task.kill()
     assert committed_attempts(staging, "killed") == []
+
+
+def test_the_triggerer_event_loop_stays_responsive_while_many_stages_are_polled(service_conn, tmp_path):
+    """48 triggers (6 per stage, 8 stages of about 2 s each) in one event loop, as in a triggerer:
+    a ticker measures how late the loop runs it. One blocking call (a sync HTTP request, or an
+    SSL context built per client: 40 ms each here) in a trigger would show up as seconds."""
+    import asyncio
+    import time
+
+    from airflow.sdk.exceptions import TaskDeferred
+
+    from airflow_provider_raydata.triggers.raydata import RayDataStageTrigger
+
+    ref = committed_ids(tmp_path / "in", files=2, rows_per_file=50)
+    triggers = []
+    for n in range(8):
+        op = slow_transform(f"polled_{n}", ref, tmp_path / "stg", fn_kwargs={"seconds": 1}, deferrable=True)
+        with pytest.raises(TaskDeferred) as deferred:
+            run_operator(op)
+        kwargs = deferred.value.trigger.serialize()[1]
+        triggers += [RayDataStageTrigger(**{**kwargs, "poll_interval": 0.05}) for _ in range(6)]
+
+    async def watch() -> tuple[list, float]:
+        lag, stop = 0.0, asyncio.Event()
+
+        async def ticker() -> None:
+            nonlocal lag
+            while not stop.is_set():
+                before = time.perf_counter()
+                await asyncio.sleep(0.01)
+                lag = max(lag, time.perf_counter() - before - 0.01)
+
+        async def first_event(trigger: RayDataStageTrigger):
+            async for event in trigger.run():
+                return event.payload
+
+        tick = asyncio.create_task(ticker())
+        await asyncio.sleep(0.05)
+        events = await asyncio.gather(*(first_event(t) for t in triggers))
+        stop.set()
+        await tick
+        return events, lag
+
+    events, lag = asyncio.run(watch())
+    assert [e["state"] for e in events] == ["succeeded"] * 48, events
+    assert lag < 0.25, f"the event loop was blocked for {lag:.2f}s"
+    assert len(committed_attempts(tmp_path / "stg", "*")) == 8
