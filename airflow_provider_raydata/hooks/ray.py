@@ -15,7 +15,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
@@ -115,6 +115,8 @@ class RayHook(BaseHook):
         self._stage_id = ""
         self._held = False  # the last stage left a load published in an open transaction
         self._service: StageServiceClient | None = None
+        self.stage_page: str | None = None  # the stage's page in the dashboard (#/jobs/../tasks/..)
+        self.on_stage_page: Callable[[], None] | None = None  # called (main thread) once it is known
 
     @classmethod
     def get_ui_field_behaviour(cls) -> dict[str, Any]:
@@ -247,14 +249,33 @@ class RayHook(BaseHook):
     def submit_stage(self, spec: StageSpec) -> str:
         """Submit a stage to the stage service without waiting (deferrable operators); its id."""
         spec = replace(spec, stage_id=spec.stage_id or uuid.uuid4().hex)
-        self.service().submit(spec)
+        service = self.service()
+        service.submit(spec)
         self._stage_id = spec.stage_id
+        for _ in range(10):  # its page is known once the executor started it: milliseconds
+            if self._see_page(service.logs(spec.stage_id, 0).get("dashboard_path")):
+                break
+            time.sleep(0.05)
         return spec.stage_id
+
+    def _see_page(self, page: str | None) -> bool:
+        if page and page != self.stage_page:
+            self.stage_page = page
+            if self.on_stage_page and threading.current_thread() is threading.main_thread():
+                self.on_stage_page()
+        return bool(page)
+
+    def dashboard_link(self) -> str:
+        """The dashboard's page of the current stage, or the dashboard (empty without one)."""
+        base = (self.settings.dashboard_url or "").rstrip("/")
+        return f"{base}/{self.stage_page}" if base and self.stage_page else base
 
     def finished_stage(self, stage_id: str) -> StageResult:
         """A submitted stage's result once it has ended (``execute_complete``), or its failure."""
         self._stage_id = stage_id
-        result = stage_outcome(self.service().status(stage_id), self.settings.label)
+        view = self.service().status(stage_id)
+        self._see_page(view.get("dashboard_path"))
+        result = stage_outcome(view, self.settings.label)
         self._held = result.held
         return result
 
@@ -271,6 +292,7 @@ class RayHook(BaseHook):
         try:
             while True:  # each read waits on the service up to LOG_WAIT_SECONDS for the stage to end
                 page = self._poll(service, spec.stage_id, offset)
+                self._see_page(page.get("dashboard_path"))
                 self.emit_stage_lines(page["lines"])
                 offset = page["next_offset"]
                 if page["state"] in FINAL_STATES or page["state"] == "held":
@@ -351,7 +373,8 @@ class RayHook(BaseHook):
         offset = 0
         while True:
             ready, _ = ray.wait([ref], timeout=LOG_POLL_SECONDS)
-            lines, offset = ray.get(self._executor.logs.remote(self._stage_id, offset))
+            lines, offset, page = ray.get(self._executor.logs.remote(self._stage_id, offset))
+            self._see_page(page)  # a helper thread: the operator links it once the stage returns
             self.emit_stage_lines(lines)
             if ready:
                 return ray.get(ref)

@@ -59,7 +59,7 @@ DatasetRefLike = dict[str, Any] | str
 
 
 class RayDashboardLink(BaseOperatorLink):
-    """'Ray Dashboard' button on a task: the dashboard of the cluster that ran it."""
+    """'Ray Dashboard' button on a task: its stage's page in the dashboard of the cluster that ran it."""
 
     name = "Ray Dashboard"
 
@@ -156,7 +156,7 @@ class RayDataBaseOperator(BaseOperator):
         """This task's ``StageSpec``: what every stage carries, and its own ``fields``."""
         return StageSpec(
             stage=self.stage,
-            name=f"{ti.dag_id}.{ti.task_id}",
+            name=f"{ti.dag_id}.{ti.task_id}@{ti.run_id}",  # the task's name in the Ray dashboard
             produced_by=produced_by(ti),
             storage=self.storage(),
             tuning=self.tuning or {},
@@ -169,15 +169,25 @@ class RayDataBaseOperator(BaseOperator):
         if self.writes_output:
             fields["output_uri"] = task_prefix(self.resolve_staging_uri(), ti.dag_id, ti.run_id, ti.task_id)
         spec = self.stage_spec(ti, **fields)
-        ti.xcom_push(key=XCom.DASHBOARD_URL, value=self.hook.settings.dashboard_url or "")
+        self.push_dashboard_link(ti)
         self.log.info("Running %s stage on %s", self.stage, self.hook.settings.label)
         if self.defers():
             stage_id = self.hook.submit_stage(spec)
+            self.push_dashboard_link(ti)
             self.log.info("Submitted stage %s; deferring until it ends", stage_id)
             deadline = time.time() + self.stage_timeout if self.stage_timeout else None
             trigger = RayDataStageTrigger(self.raydata_conn_id, stage_id, deadline, self.poll_interval)
             self.defer(trigger=trigger, method_name="execute_complete")
-        return self.finish_stage(context, self.hook.run_stage(spec, timeout=self.stage_timeout))
+        self.hook.on_stage_page = lambda: self.push_dashboard_link(ti)
+        try:
+            result = self.hook.run_stage(spec, timeout=self.stage_timeout)
+        finally:
+            self.push_dashboard_link(ti)
+        return self.finish_stage(context, result)
+
+    def push_dashboard_link(self, ti) -> None:
+        """The 'Ray Dashboard' link: the stage's own page once it started, the dashboard before."""
+        ti.xcom_push(key=XCom.DASHBOARD_URL, value=self.hook.dashboard_link())
 
     def defers(self) -> bool:
         if not self.deferrable:
@@ -199,7 +209,11 @@ class RayDataBaseOperator(BaseOperator):
             )
         if event["status"] != "done":
             raise AirflowException(f"Lost stage {event['stage_id']} while deferred: {event.get('message')}")
-        return self.finish_stage(context, self.hook.finished_stage(event["stage_id"]))
+        try:
+            result = self.hook.finished_stage(event["stage_id"])
+        finally:
+            self.push_dashboard_link(context["ti"])
+        return self.finish_stage(context, result)
 
     def finish_stage(self, context, result: StageResult) -> Any:
         try:
@@ -646,7 +660,7 @@ class RayDataStagingCleanupOperator(RayDataBaseOperator):
             staging_uri=self.resolve_staging_uri(), older_than_days=days, lake_paths=tuple(self.lake_paths)
         )
         spec = self.stage_spec(ti, cleanup=request)
-        ti.xcom_push(key=XCom.DASHBOARD_URL, value=self.hook.settings.dashboard_url or "")
+        self.push_dashboard_link(ti)
         self.log.info("Listing staging older than %s days on %s", days, self.hook.settings.label)
         listed_runs = self.hook.run_stage(spec, timeout=self.stage_timeout)
         summary, seconds = listed_runs.cleanup, listed_runs.metrics.seconds

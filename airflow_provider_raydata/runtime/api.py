@@ -58,6 +58,7 @@ class Stage:
     result: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
     cancelling: bool = False
+    dashboard_path: str | None = None  # its task's page in the dashboard, once it started
     ended: asyncio.Event = field(default_factory=asyncio.Event)  # left "running"
 
     def view(self) -> dict[str, Any]:
@@ -72,6 +73,7 @@ class Stage:
             "elapsed": round(end - self.submitted, 3),
             "result": self.result,
             "error": self.error,
+            "dashboard_path": self.dashboard_path,
         }
 
 
@@ -181,7 +183,11 @@ class StageService:
         return web.json_response(stage.view(), status=201)
 
     async def status(self, request: web.Request) -> web.Response:
-        return web.json_response(self._stage(request).view())
+        stage = self._stage(request)
+        view = stage.view()
+        if stage.state == "running":
+            view["progress"] = await self.executor.progress.remote(stage.stage_id)
+        return web.json_response(view)
 
     async def logs(self, request: web.Request) -> web.Response:
         stage = self._stage(request)
@@ -196,8 +202,14 @@ class StageService:
         if wait > 0 and stage.state == "running":
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stage.ended.wait(), wait)
-        lines, next_offset = await self.executor.logs.remote(stage.stage_id, max(offset, 0))
-        return web.json_response({"lines": lines, "next_offset": next_offset, "state": stage.state})
+        lines, next_offset, stage.dashboard_path = await self.executor.logs.remote(stage.stage_id, max(offset, 0))
+        body = {
+            "lines": lines,
+            "next_offset": next_offset,
+            "state": stage.state,
+            "dashboard_path": stage.dashboard_path,
+        }
+        return web.json_response(body)
 
     async def cancel(self, request: web.Request) -> web.Response:
         stage = self._stage(request)

@@ -4,6 +4,7 @@ unpickles this class for every new client session then starts in milliseconds, n
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -18,6 +19,7 @@ from ..contracts import StageResult, StageSpec
 COMMIT_WAIT_SECONDS = 120
 KEPT_LOGS = 256  # stages whose log lines the executor keeps for their readers
 LOG_FLUSH_SECONDS = 0.5
+DATASET_STARTED = re.compile(r"Starting execution of Dataset (\w+)")  # Ray Data's line, with its id
 
 
 @ray.remote(num_cpus=0, max_restarts=0)
@@ -102,6 +104,8 @@ class StageExecutor:
         # stage_id -> (identity, process, timer): a load awaiting its task's commit
         self.held: dict[str, tuple[tuple, Any, threading.Timer]] = {}
         self.stage_lines: OrderedDict[str, list[dict[str, Any] | None]] = OrderedDict()
+        self.pages: OrderedDict[str, str] = OrderedDict()  # stage_id -> its task's page in the dashboard
+        self.datasets: OrderedDict[str, list[str]] = OrderedDict()  # stage_id -> its Ray Data datasets
 
     def run(self, spec: StageSpec) -> StageResult:
         stage_id, identity = spec.stage_id, spec.produced_by.task
@@ -112,8 +116,12 @@ class StageExecutor:
         for sid in older:
             self.cancel(sid)
         ref = process.run.options(name=spec.name or "raydata-stage").remote(spec)
+        job_id = ray.get_runtime_context().get_job_id()
         with self.lock:
             self.running[stage_id] = (identity, process, ref)
+            self.pages[stage_id] = f"#/jobs/{job_id}/tasks/{ref.task_id().hex()}"
+            while len(self.pages) > KEPT_LOGS:
+                self.pages.popitem(last=False)
         result: StageResult | None = None
         try:
             result = ray.get(ref)
@@ -174,19 +182,57 @@ class StageExecutor:
     def add_lines(self, stage_id: str, start: int, lines: list[dict[str, Any]]) -> None:
         from .stage_log import add_lines
 
+        started = [m.group(1) for line in lines if (m := DATASET_STARTED.search(str(line.get("message", ""))))]
         with self.lock:
             kept = self.stage_lines.setdefault(stage_id, [])
             add_lines(kept, start, lines)
-            while len(self.stage_lines) > KEPT_LOGS:
-                self.stage_lines.popitem(last=False)
+            if started:
+                self.datasets.setdefault(stage_id, []).extend(started)
+            for kept_by_stage in (self.stage_lines, self.datasets):
+                while len(kept_by_stage) > KEPT_LOGS:
+                    kept_by_stage.popitem(last=False)
 
     @ray.method(concurrency_group="control")
-    def logs(self, stage_id: str, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
-        """The stage's log lines from ``offset`` on, and the offset after them."""
+    def progress(self, stage_id: str) -> list[dict[str, Any]]:
+        """Ray Data's progress of the stage's datasets, as its dashboard page shows it: per
+        operator, tasks finished and the estimated blocks and rows. Empty if Ray Data's stats
+        actor (not a public API) cannot be read."""
+        with self.lock:
+            tags = list(self.datasets.get(stage_id, []))
+        if not tags:
+            return []
+        try:
+            from ray.data._internal.stats import STATS_ACTOR_NAME, STATS_ACTOR_NAMESPACE
+
+            stats = ray.get_actor(STATS_ACTOR_NAME, namespace=STATS_ACTOR_NAMESPACE)
+            known = ray.get(stats.get_datasets.remote(ray.get_runtime_context().get_job_id()), timeout=5)
+        except Exception:  # noqa: BLE001 - progress is a nicety: the stage's status stands without it
+            return []
+        return [dataset_progress(tag, known[tag]) for tag in tags if tag in known]
+
+    @ray.method(concurrency_group="control")
+    def logs(self, stage_id: str, offset: int = 0) -> tuple[list[dict[str, Any]], int, str | None]:
+        """The stage's log lines from ``offset`` on, the offset after them, and the stage's page in
+        the dashboard (``#/jobs/<job>/tasks/<task>``, once it started)."""
         from .stage_log import read_lines
 
         with self.lock:
-            return read_lines(self.stage_lines.get(stage_id, []), offset)
+            lines, next_offset = read_lines(self.stage_lines.get(stage_id, []), offset)
+            return lines, next_offset, self.pages.get(stage_id)
 
     def pid(self) -> int:
         return os.getpid()
+
+
+def dataset_progress(tag: str, dataset: dict[str, Any]) -> dict[str, Any]:
+    operators = [
+        {
+            "name": op.get("name", key),
+            "state": op.get("state"),
+            "tasks_finished": op.get("progress", 0),
+            "blocks_estimated": op.get("total", 0),
+            "rows_estimated": op.get("total_rows", 0),
+        }
+        for key, op in dataset.get("operators", {}).items()
+    ]
+    return {"dataset": tag, "state": dataset.get("state"), "operators": operators}

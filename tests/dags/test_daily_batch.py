@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import ROOT
+from tests.dags.test_incremental import xcom
 
 pytestmark = pytest.mark.integration
 
@@ -110,6 +111,9 @@ def test_daily_dag_end_to_end_on_ray_and_rerun_without_duplicates(
 
     run = dag.test(logical_date=datetime(2024, 1, 2, tzinfo=UTC))
     assert run.state == "success"
+    # The 'Ray Dashboard' link opens the stage's own task page (the service test checks what it shows).
+    link = xcom(run, "clean_lineitem", key="ray_dashboard_url")
+    assert link.startswith(f"{ray_head.dashboard_url}/#/jobs/") and "/tasks/" in link, link
     expected = expected_revenue(sample_data, "2024-01-02")
     got = lake_partition(lake, "2024-01-02")
     assert len(got) == len(expected) > 50

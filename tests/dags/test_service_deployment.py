@@ -88,7 +88,13 @@ def deployment(ray_head, stage_service, postgres_server, sample_data, tmp_path_f
         }
         with AirflowStack(root / "home", dags, env, triggerer=True) as stack:
             yield SimpleNamespace(
-                stack=stack, pg=db, lake=lake, days=days, probe_staging=probe_staging, sample_data=sample_data
+                stack=stack,
+                pg=db,
+                lake=lake,
+                days=days,
+                probe_staging=probe_staging,
+                sample_data=sample_data,
+                dashboard_url=ray_head.dashboard_url,
             )
 
 
@@ -121,6 +127,19 @@ def test_the_daily_dag_runs_deferred_end_to_end_on_the_service(deployment):
     for task in tasks:  # every stage waited in the triggerer, not in a worker slot, and logged there
         assert "[stage]" in trigger_logs(stack, "raydata_daily_batch", run_id, task["task_id"]), task["task_id"]
     assert "Starting execution of Dataset" in task_log(stack, "raydata_daily_batch", run_id, "clean_lineitem")
+    assert_dashboard_link(stack, deployment.dashboard_url, "raydata_daily_batch", run_id, "clean_lineitem")
+
+
+def assert_dashboard_link(stack: AirflowStack, dashboard_url: str, dag_id: str, run_id: str, task_id: str) -> None:
+    """The task's 'Ray Dashboard' link opens its stage's task page, named after the DAG, task and run."""
+    from ray.util.state import get_task
+
+    links = stack.api("GET", f"dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/links")
+    prefix = f"{dashboard_url}/#/jobs/"
+    assert links["Ray Dashboard"].startswith(prefix), links
+    job_id, _, ray_task_id = links["Ray Dashboard"].removeprefix(prefix).split("/")
+    task = get_task(ray_task_id, address=dashboard_url)
+    assert task is not None and task.job_id == job_id and task.name == f"{dag_id}.{task_id}@{run_id}", task
 
 
 def test_a_backfill_through_the_service_twice_gives_the_expected_tables(deployment):

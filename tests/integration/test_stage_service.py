@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import uuid
 
 import httpx
@@ -76,7 +77,7 @@ def test_a_task_process_on_the_service_imports_no_ray_and_logs_stage_lines_at_th
     started = [line for line in output.splitlines() if "[stage] Starting execution of Dataset" in line]
     assert len(started) == 2 and all("[info" in line for line in started), started
     assert not [line for line in output.splitlines() if "[stage]" in line and "[error" in line]
-    assert "quality stage tests.quality finished" in output
+    assert "quality stage tests.quality@manual__2024-01-02T00:00:00+00:00 finished" in output
 
 
 def test_the_api_answers_bad_requests_with_a_4xx_naming_the_problem_and_keeps_serving(service_conn):
@@ -143,6 +144,13 @@ def test_a_repeated_submit_is_the_same_stage_and_a_cancel_stops_it_with_nothing_
     assert first["stage_id"] == again["stage_id"] and first["submitted"] == again["submitted"]
     stage_process = wait_for_processes("ray::tests.cancelled", timeout=120)[0]
     assert len(processes("ray::tests.cancelled")) == 1  # one stage ran, not two
+    # Its status shows Ray Data's progress: the stage's operators, as the dashboard's Ray Data page does.
+    deadline = time.monotonic() + 30
+    while not (progress := service.status(spec.stage_id).get("progress")):
+        assert time.monotonic() < deadline, "the running stage's status never showed Ray Data's progress"
+        time.sleep(0.5)
+    names = [op["name"] for dataset in progress for op in dataset["operators"]]
+    assert any("slow_double" in name for name in names) and progress[0]["state"] == "RUNNING", progress
     view = service.cancel(spec.stage_id)
     assert view["cancelled"] is True and view["state"] == "cancelled"
     stage_process.wait(timeout=30)
@@ -228,10 +236,9 @@ def test_on_kill_over_the_service_cancels_the_stage_and_nothing_is_committed(ser
 
 def test_the_triggerer_event_loop_stays_responsive_while_many_stages_are_polled(service_conn, tmp_path):
     """48 triggers (6 per stage, 8 stages of about 2 s each) in one event loop, as in a triggerer:
-    a ticker measures how late the loop runs it. One blocking call (a sync HTTP request, or an
-    SSL context built per client: 40 ms each here) in a trigger would show up as seconds."""
+    a ticker measures how late the loop runs it. A blocking call in a trigger (a sync HTTP
+    request, or an SSL context built per client: 40 ms each here, 48 at once) shows up as seconds."""
     import asyncio
-    import time
 
     from airflow.sdk.exceptions import TaskDeferred
 
@@ -244,7 +251,7 @@ def test_the_triggerer_event_loop_stays_responsive_while_many_stages_are_polled(
         with pytest.raises(TaskDeferred) as deferred:
             run_operator(op)
         kwargs = deferred.value.trigger.serialize()[1]
-        triggers += [RayDataStageTrigger(**{**kwargs, "poll_interval": 0.05}) for _ in range(6)]
+        triggers += [RayDataStageTrigger(**{**kwargs, "poll_interval": 0.5}) for _ in range(6)]
 
     async def watch() -> tuple[list, float]:
         lag, stop = 0.0, asyncio.Event()
@@ -269,5 +276,6 @@ def test_the_triggerer_event_loop_stays_responsive_while_many_stages_are_polled(
 
     events, lag = asyncio.run(watch())
     assert [e["state"] for e in events] == ["succeeded"] * 48, events
-    assert lag < 0.25, f"the event loop was blocked for {lag:.2f}s"
+    # Measured here: 0.05-0.17 s (garbage collection, 2 busy cores); an SSL context per client: 2.7 s.
+    assert lag < 0.5, f"the event loop was blocked for {lag:.2f}s"
     assert len(committed_attempts(tmp_path / "stg", "*")) == 8

@@ -237,7 +237,11 @@ def test_cleanup_operator_two_stages(staging, monkeypatch):
 
     operator = RayDataStagingCleanupOperator(task_id="clean", staging_uri=str(staging), retention_days="7")
     settings = SimpleNamespace(dashboard_url=None, label="in-process", storage_options={}, embedded=True)
-    monkeypatch.setitem(operator.__dict__, "hook", SimpleNamespace(run_stage=fake_run_stage, settings=settings))
+    monkeypatch.setitem(
+        operator.__dict__,
+        "hook",
+        SimpleNamespace(run_stage=fake_run_stage, settings=settings, dashboard_link=lambda: ""),
+    )
     ti = FakeTaskInstance(dag_id="maintenance", task_id="clean")
     ti.get_dr_count = DagRuns([(DAG, OLD_RUN, "running")]).count
 
