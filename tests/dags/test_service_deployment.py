@@ -134,9 +134,9 @@ def assert_dashboard_link(stack: AirflowStack, dashboard_url: str, dag_id: str, 
     """The task's 'Ray Dashboard' link opens its stage's task page, named after the DAG, task and run."""
     from ray.util.state import get_task
 
-    links = stack.api("GET", f"dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/links")
+    links = stack.api("GET", f"dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/links")["extra_links"]
     prefix = f"{dashboard_url}/#/jobs/"
-    assert links["Ray Dashboard"].startswith(prefix), links
+    assert (links["Ray Dashboard"] or "").startswith(prefix), links
     job_id, _, ray_task_id = links["Ray Dashboard"].removeprefix(prefix).split("/")
     task = get_task(ray_task_id, address=dashboard_url)
     assert task is not None and task.job_id == job_id and task.name == f"{dag_id}.{task_id}@{run_id}", task
