@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: install test test-backfill-week lint demo bench bench-quality bench-incremental bench-postgres clean
+.PHONY: install test test-backfill-week lint demo bench bench-control bench-quality bench-incremental bench-postgres clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -26,6 +26,9 @@ demo: install
 
 bench: install
 	$(PY) benchmarks/daily_pipeline.py
+
+bench-control: install  # both transports: task overhead, a 7-day backfill each, slots (about 25 minutes here)
+	$(PY) benchmarks/control_plane.py
 
 bench-quality: install
 	$(PY) benchmarks/quality_checks.py --scale 1 --repeats 3

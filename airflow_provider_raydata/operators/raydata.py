@@ -187,7 +187,10 @@ class RayDataBaseOperator(BaseOperator):
 
     def push_dashboard_link(self, ti) -> None:
         """The 'Ray Dashboard' link: the stage's own page once it started, the dashboard before."""
-        ti.xcom_push(key=XCom.DASHBOARD_URL, value=self.hook.dashboard_link())
+        link = self.hook.dashboard_link()
+        if link != getattr(self, "_pushed_link", None):  # each push is a round trip to the API server
+            ti.xcom_push(key=XCom.DASHBOARD_URL, value=link)
+            self._pushed_link = link
 
     def defers(self) -> bool:
         if not self.deferrable:

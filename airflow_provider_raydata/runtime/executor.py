@@ -187,7 +187,8 @@ class StageExecutor:
             kept = self.stage_lines.setdefault(stage_id, [])
             add_lines(kept, start, lines)
             if started:
-                self.datasets.setdefault(stage_id, []).extend(started)
+                known = self.datasets.setdefault(stage_id, [])
+                known += [tag for tag in started if tag not in known]
             for kept_by_stage in (self.stage_lines, self.datasets):
                 while len(kept_by_stage) > KEPT_LOGS:
                     kept_by_stage.popitem(last=False)
