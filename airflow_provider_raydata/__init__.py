@@ -30,6 +30,21 @@ def get_provider_info() -> dict:
         ],
         "triggers": [{"integration-name": "Ray Data", "python-modules": ["airflow_provider_raydata.triggers.raydata"]}],
         "extra-links": ["airflow_provider_raydata.operators.raydata.RayDashboardLink"],
+        "config": {
+            "raydata": {
+                "description": "Defaults of the Ray Data operators.",
+                "options": {
+                    "wait_before_deferring": {
+                        "description": "Seconds a deferrable task waits for its stage before it defers: a stage "
+                        "that ends sooner finishes in the task, without a trigger or a second task process.",
+                        "version_added": "0.1.0",
+                        "type": "float",
+                        "example": "0",
+                        "default": "5",
+                    }
+                },
+            }
+        },
         "connection-types": [
             {
                 "hook-class-name": "airflow_provider_raydata.hooks.ray.RayHook",

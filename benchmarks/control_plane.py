@@ -1,8 +1,9 @@
 """The control plane, both transports in the same run on the same Ray head:
 the Ray Client (``ray://``) and the stage service's HTTP API (``http://``, deferrable operators).
 
-    python benchmarks/control_plane.py [--days 7] [--orders-per-day 15000] [--repeats 3]
-                                       [--transports service ray_client] [--parts overhead backfill]
+    python benchmarks/control_plane.py [--days 7] [--orders-per-day 15000] [--repeats 5]
+                                       [--transports service ray_client]
+                                       [--parts overhead backfill backfill_not_deferred]
 
 Starts its own Ray head (2 CPUs) and generates the daily DAG's sample source (one day of
 15,000 orders is about TPC-H SF 0.01: 15,000 orders and ~60,000 lines), then per transport:
@@ -10,14 +11,16 @@ Starts its own Ray head (2 CPUs) and generates the daily DAG's sample source (on
   task_overhead   ``airflow tasks test`` of the daily DAG's ``extract_lineitem`` (not deferred: the
                   process waits for its stage): a real Airflow task process, timed from outside.
                   Its control overhead is its wall time minus a no-op task's (``airflow tasks
-                  test`` of a task that does nothing: Airflow's own start-up) minus the stage's
-                  time on the cluster. Peak RSS of the task process.
+                  test`` of a task that does nothing: Airflow's own start-up), run just before it,
+                  minus the stage's time on the cluster; the median of ``--repeats`` pairs. Peak
+                  RSS of the task process.
   backfill        ``airflow backfill create`` of the daily DAG over ``--days`` days on a real
                   deployment (scheduler, dag-processor, api-server, triggerer; LocalExecutor with
-                  4 tasks at once; deferrable operators on the service): wall time until every run
-                  is final.
+                  4 tasks at once; deferrable operators on the service, and on the service
+                  again without deferral): wall time until every run is final, tasks retried.
   slots           one stage of about 16 s (8 files, 2 s each on 2 CPUs): how many Airflow worker
-                  slots (running task instances) it holds while it runs on the cluster.
+                  slots (running task instances) it holds while it runs on the cluster, and while
+                  its task is deferred (after ``wait_before_deferring``, 5 s by default).
 
 Writes ``benchmarks/results/control_plane.json`` (a run of some parts updates the others in place).
 """
@@ -111,31 +114,38 @@ def timed_process(args: list[str], env: dict[str, str]) -> tuple[float, float, s
 
 
 def task_overhead(env: dict[str, str], repeats: int) -> dict:
+    """Pairs of runs, a no-op task then the extract, so that each difference compares runs made
+    under the same load: Airflow's own start-up varies by a second or two between runs here."""
     airflow = str(BIN / "airflow")
-    noop = [timed_process([airflow, "tasks", "test", "bench_noop", "noop"], env)[0] for _ in range(repeats)]
-    runs = []
-    for _ in range(repeats + 1):  # the first run also starts the service job (or a client session)
-        wall, rss, text = timed_process(
-            [airflow, "tasks", "test", "raydata_daily_batch", "extract_lineitem", "2024-01-02"], env
+    extract = [airflow, "tasks", "test", "raydata_daily_batch", "extract_lineitem", "2024-01-02"]
+    noop = [airflow, "tasks", "test", "bench_noop", "noop"]
+
+    def run(args: list[str]) -> dict:
+        wall, rss, text = timed_process(args, env)
+        found = FINISHED.findall(text)
+        cluster = float(found[-1]) if found else 0.0
+        return {"wall_seconds": round(wall, 2), "cluster_seconds": cluster, "peak_rss_mb": round(rss, 1)}
+
+    first = run(extract)  # also starts the service job (or a client session's server)
+    pairs = [{"noop": run(noop), "task": run(extract)} for _ in range(repeats)]
+    for pair in pairs:
+        task = pair["task"]
+        pair["overhead_seconds"] = round(
+            task["wall_seconds"] - pair["noop"]["wall_seconds"] - task["cluster_seconds"], 2
         )
-        cluster = float(FINISHED.findall(text)[-1])
-        runs.append({"wall_seconds": round(wall, 2), "cluster_seconds": cluster, "peak_rss_mb": round(rss, 1)})
-    warm = runs[1:]
-    noop_wall = statistics.median(noop)
-    wall = statistics.median(r["wall_seconds"] for r in warm)
-    cluster = statistics.median(r["cluster_seconds"] for r in warm)
     return {
-        "first_run": runs[0],
-        "warm_runs": warm,
-        "noop_task_wall_seconds": round(noop_wall, 2),
-        "task_wall_seconds": wall,
-        "cluster_seconds": cluster,
-        "control_overhead_seconds": round(wall - noop_wall - cluster, 2),
-        "peak_rss_mb": max(r["peak_rss_mb"] for r in warm),
+        "first_run": first,
+        "pairs": pairs,
+        "noop_task_wall_seconds": statistics.median(p["noop"]["wall_seconds"] for p in pairs),
+        "task_wall_seconds": statistics.median(p["task"]["wall_seconds"] for p in pairs),
+        "cluster_seconds": statistics.median(p["task"]["cluster_seconds"] for p in pairs),
+        "control_overhead_seconds": statistics.median(p["overhead_seconds"] for p in pairs),
+        "peak_rss_mb": max(p["task"]["peak_rss_mb"] for p in pairs),
+        "noop_peak_rss_mb": max(p["noop"]["peak_rss_mb"] for p in pairs),
     }
 
 
-def backfill_and_slots(env: dict[str, str], home: Path, dags: Path, days: int) -> dict:
+def backfill_and_slots(env: dict[str, str], home: Path, dags: Path, days: int, probe_slots: bool = True) -> dict:
     stack_env = {k: v for k, v in env.items() if k.startswith(("AIRFLOW_CONN", "AIRFLOW__OPERATORS", "RAYDATA"))}
     stack_env.update(PYTHONPATH=str(ROOT), AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE="False")
     with AirflowStack(home, dags, stack_env, parallelism=4, triggerer=True) as stack:
@@ -145,8 +155,14 @@ def backfill_and_slots(env: dict[str, str], home: Path, dags: Path, days: int) -
         runs = stack.backfill("raydata_daily_batch", "2024-01-01", last, timeout=7200)
         wall = time.perf_counter() - started
         assert [r["state"] for r in runs] == ["success"] * days, runs
-        tasks = stack.api("GET", "dags/raydata_daily_batch/dagRuns/~/taskInstances")["total_entries"]
-        return {"backfill": {"days": days, "tasks": tasks, "wall_seconds": round(wall, 1)}, "slots": slots(stack)}
+        tis = stack.api("GET", "dags/raydata_daily_batch/dagRuns/~/taskInstances", limit=1000)["task_instances"]
+        backfill = {
+            "days": days,
+            "tasks": len(tis),
+            "tasks_retried": sum(1 for ti in tis if ti["try_number"] > 1),
+            "wall_seconds": round(wall, 1),
+        }
+        return {"backfill": backfill, **({"slots": slots(stack)} if probe_slots else {})}
 
 
 def slots(stack: AirflowStack) -> dict:
@@ -168,10 +184,12 @@ def slots(stack: AirflowStack) -> dict:
             samples.append({"running": running, "deferred": int(ti["state"] == "deferred")})
         time.sleep(0.5)
     assert ti["state"] == "success", ti
+    deferred = [s["running"] for s in samples if s["deferred"]]
     return {
         "samples_while_on_cluster": len(samples),
         "max_slots_held": max(s["running"] for s in samples),
-        "share_of_samples_deferred": round(sum(s["deferred"] for s in samples) / len(samples), 2),
+        "max_slots_held_while_deferred": max(deferred) if deferred else None,
+        "share_of_samples_deferred": round(len(deferred) / len(samples), 2),
     }
 
 
@@ -179,9 +197,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--days", type=int, default=7)
     parser.add_argument("--orders-per-day", type=int, default=15000)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--transports", nargs="+", default=["service", "ray_client"])
-    parser.add_argument("--parts", nargs="+", default=["overhead", "backfill"])
+    parser.add_argument("--parts", nargs="+", default=["overhead", "backfill", "backfill_not_deferred"])
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "control_plane.json"))
     args = parser.parse_args()
 
@@ -221,13 +239,23 @@ def main() -> None:
                 env = environment(home, dags, source, work / f"lake-{transport}", conn, deferrable=True)
                 measured.update(backfill_and_slots(env, work / f"stack-{transport}", dags, args.days))
                 print(json.dumps({transport: measured}, indent=2), flush=True)
+            if "backfill_not_deferred" in args.parts and transport == "service":
+                # Deferral costs a second task process per task (Airflow's start-up, twice): for
+                # stages of a second or two it costs more than the slot it frees.
+                env = environment(home, dags, source, work / f"lake-{transport}-nd", conn, deferrable=False)
+                done = backfill_and_slots(env, work / f"stack-{transport}-nd", dags, args.days, probe_slots=False)
+                measured["backfill_not_deferred"] = done["backfill"]
+                print(json.dumps({transport: measured}, indent=2), flush=True)
     finally:
         head.stop()
     found = results["transports"]
-    if all("backfill" in found.get(t, {}) for t in ("service", "ray_client")):
-        results["backfill_speedup_service_over_ray_client"] = round(
-            found["ray_client"]["backfill"]["wall_seconds"] / found["service"]["backfill"]["wall_seconds"], 2
-        )
+    ray_client = found.get("ray_client", {}).get("backfill")
+    for key in ("backfill", "backfill_not_deferred"):
+        service = found.get("service", {}).get(key)
+        if ray_client and service:
+            results[f"{key}_speedup_service_over_ray_client"] = round(
+                ray_client["wall_seconds"] / service["wall_seconds"], 2
+            )
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out}")
 

@@ -116,6 +116,7 @@ class RayHook(BaseHook):
         self._held = False  # the last stage left a load published in an open transaction
         self._service: StageServiceClient | None = None
         self.stage_page: str | None = None  # the stage's page in the dashboard (#/jobs/../tasks/..)
+        self.log_offset = 0  # the stage's log lines already in the task log
         self.on_stage_page: Callable[[], None] | None = None  # called (main thread) once it is known
 
     @classmethod
@@ -246,17 +247,15 @@ class RayHook(BaseHook):
             self._service = client
         return self._service
 
-    def submit_stage(self, spec: StageSpec) -> str:
-        """Submit a stage to the stage service without waiting (deferrable operators); its id."""
-        spec = replace(spec, stage_id=spec.stage_id or uuid.uuid4().hex)
-        service = self.service()
-        service.submit(spec)
-        self._stage_id = spec.stage_id
-        for _ in range(10):  # its page is known once the executor started it: milliseconds
-            if self._see_page(service.logs(spec.stage_id, 0).get("dashboard_path")):
-                break
-            time.sleep(0.05)
-        return spec.stage_id
+    def start_stage(self, spec: StageSpec, wait: float) -> StageResult | None:
+        """Submit a stage to the stage service and wait for it at most ``wait`` seconds, streaming
+        its log (deferrable operators): its result if it ended, else None (``stage_id`` and
+        ``log_offset`` then say where a trigger takes over)."""
+        return self._run_on_service(replace(spec, stage_id=spec.stage_id or uuid.uuid4().hex), None, give_up=wait)
+
+    @property
+    def stage_id(self) -> str:
+        return self._stage_id
 
     def _see_page(self, page: str | None) -> bool:
         if page and page != self.stage_page:
@@ -282,23 +281,32 @@ class RayHook(BaseHook):
     def emit_stage_lines(self, lines: list[dict[str, Any]]) -> None:
         log_stage_lines(self.log, lines)
 
-    def _run_on_service(self, spec: StageSpec, timeout: float | None) -> StageResult:
+    def _run_on_service(
+        self, spec: StageSpec, timeout: float | None, give_up: float | None = None
+    ) -> StageResult | None:
+        """The stage's result; None if it still runs after ``give_up`` seconds."""
         service = self.service()
         self._stage_id = spec.stage_id
         service.submit(spec)
         self._running = spec.stage_id
-        deadline = time.monotonic() + timeout if timeout else None
-        offset = 0
+        now = time.monotonic()
+        deadline = now + timeout if timeout else None
+        give_up_at = now + give_up if give_up is not None else None
+        self.log_offset = 0
         try:
             while True:  # each read waits on the service up to LOG_WAIT_SECONDS for the stage to end
-                page = self._poll(service, spec.stage_id, offset)
+                wait = LOG_WAIT_SECONDS if give_up_at is None else max(min(LOG_WAIT_SECONDS, give_up_at - now), 0)
+                page = self._poll(service, spec.stage_id, self.log_offset, wait)
                 self._see_page(page.get("dashboard_path"))
                 self.emit_stage_lines(page["lines"])
-                offset = page["next_offset"]
+                self.log_offset = page["next_offset"]
                 if page["state"] in FINAL_STATES or page["state"] == "held":
-                    self.emit_stage_lines(service.logs(spec.stage_id, offset)["lines"])
+                    self.emit_stage_lines(service.logs(spec.stage_id, self.log_offset)["lines"])
                     break
-                if deadline and time.monotonic() > deadline:
+                now = time.monotonic()
+                if give_up_at is not None and now >= give_up_at:
+                    return None
+                if deadline and now > deadline:
                     self.cancel()
                     raise AirflowException(f"Stage did not finish within {timeout}s on {self.settings.label}")
             result = stage_outcome(service.status(spec.stage_id), self.settings.label)
@@ -307,12 +315,12 @@ class RayHook(BaseHook):
         self._held = result.held
         return result
 
-    def _poll(self, service: StageServiceClient, stage_id: str, offset: int) -> dict[str, Any]:
+    def _poll(self, service: StageServiceClient, stage_id: str, offset: int, wait: float) -> dict[str, Any]:
         """The stage's new log lines and state; a service gone for good loses the stage (retryable)."""
         attempt = 1
         while True:
             try:
-                return service.logs(stage_id, offset, wait=LOG_WAIT_SECONDS)
+                return service.logs(stage_id, offset, wait=wait)
             except AirflowException as exc:
                 lost = "no stage" in str(exc)
                 if not lost and "unreachable" not in str(exc):

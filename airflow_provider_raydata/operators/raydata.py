@@ -105,6 +105,9 @@ class RayDataBaseOperator(BaseOperator):
         over ``ray://`` the task waits in its slot as before.
     :param poll_interval: how long each of the trigger's reads of a deferred stage waits on the
         service for the stage to end (its end is seen at once; its log lines arrive at this pace).
+    :param wait_before_deferring: seconds a deferrable task waits for its stage before it defers;
+        a stage that ends sooner finishes in the task, without a trigger or a second task process
+        (default: ``[raydata] wait_before_deferring``, 5).
     """
 
     stage: str = ""
@@ -126,11 +129,13 @@ class RayDataBaseOperator(BaseOperator):
         stage_timeout: float | None = None,
         deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
         poll_interval: float = 2.0,
+        wait_before_deferring: float = conf.getfloat("raydata", "wait_before_deferring", fallback=5.0),
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.deferrable = deferrable
         self.poll_interval = poll_interval
+        self.wait_before_deferring = wait_before_deferring
         self.raydata_conn_id = raydata_conn_id
         self.staging_uri = staging_uri
         self.storage_options = storage_options
@@ -171,14 +176,24 @@ class RayDataBaseOperator(BaseOperator):
         spec = self.stage_spec(ti, **fields)
         self.push_dashboard_link(ti)
         self.log.info("Running %s stage on %s", self.stage, self.hook.settings.label)
-        if self.defers():
-            stage_id = self.hook.submit_stage(spec)
-            self.push_dashboard_link(ti)
-            self.log.info("Submitted stage %s; deferring until it ends", stage_id)
-            deadline = time.time() + self.stage_timeout if self.stage_timeout else None
-            trigger = RayDataStageTrigger(self.raydata_conn_id, stage_id, deadline, self.poll_interval)
-            self.defer(trigger=trigger, method_name="execute_complete")
         self.hook.on_stage_page = lambda: self.push_dashboard_link(ti)
+        if self.defers():
+            # A stage that ends within wait_before_deferring finishes here: deferring it would cost a
+            # second task process, and a trigger that fires at once can race the scheduler (see README).
+            started = time.time()
+            result = self.hook.start_stage(spec, wait=self.wait_before_deferring)
+            self.push_dashboard_link(ti)
+            if result is None:
+                stage_id = self.hook.stage_id
+                self.log.info(
+                    "Stage %s still runs after %.0fs; deferring until it ends", stage_id, time.time() - started
+                )
+                deadline = started + self.stage_timeout if self.stage_timeout else None
+                trigger = RayDataStageTrigger(
+                    self.raydata_conn_id, stage_id, deadline, self.poll_interval, log_offset=self.hook.log_offset
+                )
+                self.defer(trigger=trigger, method_name="execute_complete")
+            return self.finish_stage(context, result)
         try:
             result = self.hook.run_stage(spec, timeout=self.stage_timeout)
         finally:

@@ -40,12 +40,14 @@ class RayDataStageTrigger(BaseTrigger):
         stage_id: str,
         deadline: float | None = None,
         poll_interval: float = 2.0,
+        log_offset: int = 0,
     ) -> None:
         super().__init__()
         self.raydata_conn_id = raydata_conn_id
         self.stage_id = stage_id
         self.deadline = deadline
         self.poll_interval = poll_interval
+        self.log_offset = log_offset  # lines the task logged before it deferred
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -55,6 +57,7 @@ class RayDataStageTrigger(BaseTrigger):
                 "stage_id": self.stage_id,
                 "deadline": self.deadline,
                 "poll_interval": self.poll_interval,
+                "log_offset": self.log_offset,
             },
         )
 
@@ -87,7 +90,7 @@ class RayDataStageTrigger(BaseTrigger):
             yield self.event("error", message=str(exc))
             return
         base = f"/v1/stages/{self.stage_id}"
-        offset, failures = 0, 0
+        offset, failures = self.log_offset, 0
         async with http:
             while True:
                 try:

@@ -77,6 +77,7 @@ def deployment(ray_head, stage_service, postgres_server, sample_data, tmp_path_f
             "AIRFLOW_CONN_RAYDATA_WRONG_TOKEN": json.dumps({**service, "password": WRONG_TOKEN}),
             "AIRFLOW_CONN_PG_TEST": db.airflow_conn,
             "AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE": "True",
+            "AIRFLOW__RAYDATA__WAIT_BEFORE_DEFERRING": "0",  # every stage defers, however short
             # A restarted triggerer takes over the killed one's triggers once its heartbeat is this old.
             "AIRFLOW__TRIGGERER__TRIGGERER_HEALTH_CHECK_THRESHOLD": "10",
             "RAYDATA_POSTGRES_CONN_ID": db.conn_id,

@@ -247,7 +247,9 @@ def test_the_triggerer_event_loop_stays_responsive_while_many_stages_are_polled(
     ref = committed_ids(tmp_path / "in", files=2, rows_per_file=50)
     triggers = []
     for n in range(8):
-        op = slow_transform(f"polled_{n}", ref, tmp_path / "stg", fn_kwargs={"seconds": 1}, deferrable=True)
+        op = slow_transform(
+            f"polled_{n}", ref, tmp_path / "stg", fn_kwargs={"seconds": 1}, deferrable=True, wait_before_deferring=0
+        )
         with pytest.raises(TaskDeferred) as deferred:
             run_operator(op)
         kwargs = deferred.value.trigger.serialize()[1]
@@ -279,3 +281,24 @@ def test_the_triggerer_event_loop_stays_responsive_while_many_stages_are_polled(
     # Measured here: 0.05-0.17 s (garbage collection, 2 busy cores); an SSL context per client: 2.7 s.
     assert lag < 0.5, f"the event loop was blocked for {lag:.2f}s"
     assert len(committed_attempts(tmp_path / "stg", "*")) == 8
+
+
+def test_a_deferrable_task_defers_only_a_stage_still_running_after_wait_before_deferring(service_conn, tmp_path):
+    from airflow.sdk.exceptions import TaskDeferred
+
+    quick = committed_ids(tmp_path / "quick", files=1, rows_per_file=10)
+    op = slow_transform("quick", quick, tmp_path / "stg", fn_kwargs={"seconds": 0}, deferrable=True)
+    out, _ = run_operator(op)  # ended within the wait: finished in the task, no trigger
+    assert out["num_rows"] == 10 and len(committed_attempts(tmp_path / "stg", "quick")) == 1
+
+    slow = committed_ids(tmp_path / "slow", files=4, rows_per_file=10)
+    op = slow_transform(
+        "slow", slow, tmp_path / "stg", fn_kwargs={"seconds": 3}, deferrable=True, wait_before_deferring=1
+    )
+    with pytest.raises(TaskDeferred) as deferred:
+        run_operator(op)
+    trigger = deferred.value.trigger
+    # The trigger takes over the log after the lines the task already wrote.
+    assert trigger.stage_id == op.hook.stage_id and trigger.log_offset == op.hook.log_offset > 0
+    assert committed_attempts(tmp_path / "stg", "slow") == []  # still running
+    op.hook.service().cancel(trigger.stage_id)
