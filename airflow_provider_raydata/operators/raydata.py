@@ -190,7 +190,12 @@ class RayDataBaseOperator(BaseOperator):
                 )
                 deadline = started + self.stage_timeout if self.stage_timeout else None
                 trigger = RayDataStageTrigger(
-                    self.raydata_conn_id, stage_id, deadline, self.poll_interval, log_offset=self.hook.log_offset
+                    self.raydata_conn_id,
+                    stage_id,
+                    deadline,
+                    self.poll_interval,
+                    log_offset=self.hook.log_offset,
+                    deferred_at=time.time(),
                 )
                 self.defer(trigger=trigger, method_name="execute_complete")
             return self.finish_stage(context, result)

@@ -27,6 +27,10 @@ from airflow_provider_raydata.hooks.stage_service import (
 
 # Consecutive failed polls (the service restarting, a network blip) before the task is told.
 MAX_POLL_FAILURES = 10
+# A trigger that fires within seconds of its task's deferral can race the scheduler, which then
+# fails the resumed task on the stale "success" of the deferring process (apache/airflow#66374,
+# #67287, #72716): the event waits until this long after the deferral.
+SETTLE_SECONDS = 5.0
 
 
 class RayDataStageTrigger(BaseTrigger):
@@ -41,6 +45,7 @@ class RayDataStageTrigger(BaseTrigger):
         deadline: float | None = None,
         poll_interval: float = 2.0,
         log_offset: int = 0,
+        deferred_at: float | None = None,
     ) -> None:
         super().__init__()
         self.raydata_conn_id = raydata_conn_id
@@ -48,6 +53,7 @@ class RayDataStageTrigger(BaseTrigger):
         self.deadline = deadline
         self.poll_interval = poll_interval
         self.log_offset = log_offset  # lines the task logged before it deferred
+        self.deferred_at = deferred_at  # UNIX time
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -58,6 +64,7 @@ class RayDataStageTrigger(BaseTrigger):
                 "deadline": self.deadline,
                 "poll_interval": self.poll_interval,
                 "log_offset": self.log_offset,
+                "deferred_at": self.deferred_at,
             },
         )
 
@@ -114,6 +121,8 @@ class RayDataStageTrigger(BaseTrigger):
                 if state in FINAL_STATES:
                     final = await self.call(http, url, "GET", f"{base}/logs", params={"offset": offset})
                     log_stage_lines(self.log, final["lines"])
+                    if self.deferred_at is not None:
+                        await asyncio.sleep(max(self.deferred_at + SETTLE_SECONDS - time.time(), 0))
                     yield self.event("done", state=state)
                     return
                 if self.deadline is not None and time.time() > self.deadline:
