@@ -61,6 +61,14 @@ def _tail(path: Path, lines: int = 40) -> str:
         return "<no log>"
 
 
+def _signal(processes: list[psutil.Process], sig: int) -> None:
+    for p in processes:
+        try:
+            p.send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass
+
+
 def _pg_bin(name: str) -> str:
     found = shutil.which(name) or next(iter(sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))), None)
     if not found:
@@ -176,11 +184,7 @@ class AirflowStack:
         """SIGKILL one component (e.g. the triggerer) and all of its descendants, as a crash would."""
         parent = psutil.Process(self.procs.pop(name).pid)
         victims = [parent, *parent.children(recursive=True)]
-        for p in victims:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
+        _signal(victims, signal.SIGKILL)
         psutil.wait_procs(victims, timeout=10)
 
     def restart(self, name: str) -> None:
@@ -200,17 +204,9 @@ class AirflowStack:
                 victims += [parent, *parent.children(recursive=True)]
             except psutil.NoSuchProcess:
                 pass
-        for p in victims:
-            try:
-                p.send_signal(signal.SIGTERM)
-            except psutil.NoSuchProcess:
-                pass
+        _signal(victims, signal.SIGTERM)
         _, alive = psutil.wait_procs(victims, timeout=timeout)
-        for p in alive:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
+        _signal(alive, signal.SIGKILL)
         psutil.wait_procs(alive, timeout=5)
         for proc in self.procs.values():
             proc.wait(timeout=5)
