@@ -182,10 +182,10 @@ class AirflowStack:
 
     def kill(self, name: str) -> None:
         """SIGKILL one component (e.g. the triggerer) and all of its descendants, as a crash would."""
-        parent = psutil.Process(self.procs.pop(name).pid)
-        victims = [parent, *parent.children(recursive=True)]
-        _signal(victims, signal.SIGKILL)
-        psutil.wait_procs(victims, timeout=10)
+        proc = self.procs.pop(name)
+        parent = psutil.Process(proc.pid)
+        _signal([parent, *parent.children(recursive=True)], signal.SIGKILL)
+        proc.wait(timeout=10)  # not its children: nothing here reaps them, psutil would wait out its timeout
 
     def restart(self, name: str) -> None:
         """Start a killed component again and wait until the deployment reports it healthy."""
