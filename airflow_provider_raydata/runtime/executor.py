@@ -120,8 +120,6 @@ class StageExecutor:
         with self.lock:
             self.running[stage_id] = (identity, process, ref)
             self.pages[stage_id] = f"#/jobs/{job_id}/tasks/{ref.task_id().hex()}"
-            while len(self.pages) > KEPT_LOGS:
-                self.pages.popitem(last=False)
         result: StageResult | None = None
         try:
             result = ray.get(ref)
@@ -189,7 +187,7 @@ class StageExecutor:
             if started:
                 known = self.datasets.setdefault(stage_id, [])
                 known += [tag for tag in started if tag not in known]
-            for kept_by_stage in (self.stage_lines, self.datasets):
+            for kept_by_stage in (self.stage_lines, self.datasets, self.pages):  # every stage logs
                 while len(kept_by_stage) > KEPT_LOGS:
                     kept_by_stage.popitem(last=False)
 
