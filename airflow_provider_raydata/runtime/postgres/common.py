@@ -99,12 +99,22 @@ def table_columns(cur, schema: str, table: str) -> list[str] | None:
 
 def ensure_ledger(cur, schema: str) -> None:
     """The table recording published loads (target, load id), in the target's schema."""
-    cur.execute(
-        sql.SQL(
-            "CREATE TABLE IF NOT EXISTS {} (target text, load_id text, mode text, rows bigint,"
-            " loaded_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (target, load_id))"
-        ).format(sql.Identifier(schema, LEDGER))
-    )
+    ledger = sql.Identifier(schema, LEDGER)
+    cur.execute("SELECT to_regclass(%s)", [ledger.as_string(cur.connection)])
+    if cur.fetchone()[0] is not None:
+        return
+    try:
+        # A savepoint: CREATE TABLE IF NOT EXISTS is not safe against a concurrent first load, which
+        # can create the table between the check and the insert (a unique violation on pg_type).
+        with cur.connection.transaction():
+            cur.execute(
+                sql.SQL(
+                    "CREATE TABLE IF NOT EXISTS {} (target text, load_id text, mode text, rows bigint,"
+                    " loaded_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (target, load_id))"
+                ).format(ledger)
+            )
+    except (errors.UniqueViolation, errors.DuplicateTable):
+        pass  # the other load created it
 
 
 def drop_staging_tables(cur, schema: str, load_id: str) -> None:
