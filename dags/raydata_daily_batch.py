@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import os
 from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
 
-import pandas as pd
 from airflow.sdk import DAG, Param
 
 from airflow_provider_raydata.operators import (
@@ -30,6 +30,9 @@ from airflow_provider_raydata.operators import (
     RayDataQualityOperator,
     RayDataTransformOperator,
 )
+
+if TYPE_CHECKING:  # the function runs on the cluster: parsing this file does not import pandas
+    import pandas as pd
 
 AIRFLOW_HOME = os.environ.get("AIRFLOW_HOME", os.path.expanduser("~/airflow"))
 SOURCE = os.environ.get("RAYDATA_SOURCE_URI", f"{AIRFLOW_HOME}/raydata/source")

@@ -50,7 +50,7 @@ from airflow_provider_raydata.run_context import (
     interval_end,
     previous_rows,
 )
-from airflow_provider_raydata.runtime.refs import task_prefix
+from airflow_provider_raydata.runtime.paths import task_prefix
 from airflow_provider_raydata.runtime.specs import validate_checks, validate_steps
 from airflow_provider_raydata.runtime.tuning import validate_tuning
 from airflow_provider_raydata.triggers.raydata import RayDataStageTrigger

@@ -41,10 +41,12 @@ class StageProcess:
         threading.Thread(target=self._flush_forever, name="raydata-stage-log", daemon=True).start()
 
     def run(self, spec: StageSpec) -> StageResult:
+        from . import stage_log
         from .runner import run_stage
         from .stage_log import log
 
         self.stage_log.start(spec.stage_id)
+        stage_log.forward_prints_to = (spec.stage_id, self.executor)
         log.info("%s stage %s started in process %d", spec.stage, spec.name, os.getpid())
         try:
             result = run_stage(spec)
@@ -103,7 +105,7 @@ class StageExecutor:
         self.idle: list[Any] = []  # warm StageProcesses
         # stage_id -> (identity, process, timer): a load awaiting its task's commit
         self.held: dict[str, tuple[tuple, Any, threading.Timer]] = {}
-        self.stage_lines: OrderedDict[str, list[dict[str, Any] | None]] = OrderedDict()
+        self.stage_lines: OrderedDict[str, Any] = OrderedDict()  # stage_id -> its stage_log.StageLines
         self.pages: OrderedDict[str, str] = OrderedDict()  # stage_id -> its task's page in the dashboard
         self.datasets: OrderedDict[str, list[str]] = OrderedDict()  # stage_id -> its Ray Data datasets
 
@@ -178,18 +180,29 @@ class StageExecutor:
 
     @ray.method(concurrency_group="control")
     def add_lines(self, stage_id: str, start: int, lines: list[dict[str, Any]]) -> None:
-        from .stage_log import add_lines
-
+        """A batch of the stage process's own lines, at its offset in that process's numbering."""
         started = [m.group(1) for line in lines if (m := DATASET_STARTED.search(str(line.get("message", ""))))]
         with self.lock:
-            kept = self.stage_lines.setdefault(stage_id, [])
-            add_lines(kept, start, lines)
+            self._lines(stage_id).add_own(start, lines)
             if started:
                 known = self.datasets.setdefault(stage_id, [])
                 known += [tag for tag in started if tag not in known]
+
+    @ray.method(concurrency_group="control")
+    def add_prints(self, stage_id: str, lines: list[dict[str, Any]]) -> None:
+        """What the stage's user function printed in one of its map tasks."""
+        with self.lock:
+            self._lines(stage_id).add_prints(lines)
+
+    def _lines(self, stage_id: str) -> Any:
+        from .stage_log import StageLines
+
+        if stage_id not in self.stage_lines:
+            self.stage_lines[stage_id] = StageLines()
             for kept_by_stage in (self.stage_lines, self.datasets, self.pages):  # every stage logs
                 while len(kept_by_stage) > KEPT_LOGS:
                     kept_by_stage.popitem(last=False)
+        return self.stage_lines[stage_id]
 
     @ray.method(concurrency_group="control")
     def progress(self, stage_id: str) -> list[dict[str, Any]]:
@@ -213,10 +226,9 @@ class StageExecutor:
     def logs(self, stage_id: str, offset: int = 0) -> tuple[list[dict[str, Any]], int, str | None]:
         """The stage's log lines from ``offset`` on, the offset after them, and the stage's page in
         the dashboard (``#/jobs/<job>/tasks/<task>``, once it started)."""
-        from .stage_log import read_lines
-
         with self.lock:
-            lines, next_offset = read_lines(self.stage_lines.get(stage_id, []), offset)
+            found = self.stage_lines.get(stage_id)
+            lines, next_offset = found.read(offset) if found else ([], offset)
             return lines, next_offset, self.pages.get(stage_id)
 
     def pid(self) -> int:

@@ -25,8 +25,9 @@ import ray.data
 from ray.data.datasource import FilenameProvider
 
 from ..contracts import DataError, Destination, LoadResult
+from .paths import join_uri
 from .refs import describe_files
-from .storage import exists, filesystem_for, join_uri
+from .storage import exists, filesystem_for
 from .upsert import check_no_repeated_key, merge_latest
 
 STAGING_DIR = "_staging"  # {lake}/_staging/{load_id}-{token}/: a load's files before they move into place

@@ -9,7 +9,8 @@ from ..contracts import DatasetRef, QualityReport, StageSpec
 from . import refs
 from .checks import quarantine_schema, run_checks, split_batch
 from .output import write_empty_if_needed, write_output
-from .storage import exists, filesystem_for, join_uri
+from .paths import join_uri
+from .storage import exists, filesystem_for
 
 
 def run_quality(

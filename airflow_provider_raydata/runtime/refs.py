@@ -10,7 +10,6 @@ are deleted: a rerun replaces its own output.
 from __future__ import annotations
 
 import json
-import re
 import uuid
 from typing import Any
 
@@ -18,20 +17,12 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from ..contracts import DatasetRef, ProducedBy
-from .storage import exists, filesystem_for, join_uri
+from .paths import join_uri
+from .storage import exists, filesystem_for
 
 SUCCESS = "_SUCCESS"
 ATTEMPT_PREFIX = "attempt-"  # no "=": readers would take it for a hive partition
 QUARANTINE_DIR = "quarantine"  # a quality task's failing rows: {task prefix}/quarantine/attempt-*/
-
-
-def safe_segment(value: str) -> str:
-    """Make a run id or task id safe as one path segment (run ids contain ':' and '+')."""
-    return re.sub(r"[^A-Za-z0-9._=-]", "_", value)
-
-
-def task_prefix(staging_uri: str, dag_id: str, run_id: str, task_id: str) -> str:
-    return join_uri(staging_uri, safe_segment(dag_id), safe_segment(run_id), safe_segment(task_id))
 
 
 def new_attempt_uri(prefix: str, try_number: int) -> str:

@@ -21,7 +21,8 @@ import pyarrow.fs as pafs
 
 from ..contracts import CleanupEntry, CleanupSummary, DataError, DatasetRef
 from .lake import STAGING_DIR
-from .refs import ATTEMPT_PREFIX, QUARANTINE_DIR, SUCCESS, safe_segment
+from .paths import safe_segment
+from .refs import ATTEMPT_PREFIX, QUARANTINE_DIR, SUCCESS
 from .storage import filesystem_for
 
 THREADS = 16  # marker reads and deletes are one or two requests each on object stores

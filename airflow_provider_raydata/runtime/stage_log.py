@@ -20,6 +20,8 @@ LOGGERS = ("", "ray.data")
 RAY_MARKERS = (":actor_name:", ":task_name:", ":job_id:", ":event_summary:", ":info_message:")
 
 log = logging.getLogger("airflow_provider_raydata.stage")
+# (stage id, executor) of the stage this process runs: its map functions' prints go there.
+forward_prints_to: tuple[str, Any] | None = None
 
 
 class StageLog(logging.Handler):
@@ -59,21 +61,30 @@ class StageLog(logging.Handler):
             return self.stage_id, self.count - len(lines), lines
 
 
-def add_lines(kept: list[dict[str, Any] | None], start: int, lines: list[dict[str, Any]]) -> None:
-    """Put a batch at its offset: batches may arrive out of order (a threaded actor)."""
-    if len(kept) < start:
-        kept.extend([None] * (start - len(kept)))
-    kept[start : start + len(lines)] = lines
+class StageLines:
+    """A stage's lines as its readers see them, on the executor: the stage process's batches in
+    their order (they may arrive out of order: the executor is a threaded actor) and the prints
+    of the stage's map tasks as they come."""
 
+    def __init__(self) -> None:
+        self.lines: list[dict[str, Any]] = []
+        self.early: dict[int, list[dict[str, Any]]] = {}  # stage-process batches ahead of a missing one
+        self.next_own = 0  # offset, in the stage process's numbering, of its next line
 
-def read_lines(kept: list[dict[str, Any] | None], offset: int) -> tuple[list[dict[str, Any]], int]:
-    """Lines from ``offset`` up to the first one still missing, and the offset after them."""
-    lines = []
-    for line in kept[offset:]:
-        if line is None:
-            break
-        lines.append(line)
-    return lines, offset + len(lines)
+    def add_own(self, start: int, lines: list[dict[str, Any]]) -> None:
+        self.early[start] = lines
+        while self.next_own in self.early:
+            batch = self.early.pop(self.next_own)
+            self.lines += batch
+            self.next_own += len(batch)
+
+    def add_prints(self, lines: list[dict[str, Any]]) -> None:
+        self.lines += lines[: max(MAX_LINES - len(self.lines), 0)]
+
+    def read(self, offset: int) -> tuple[list[dict[str, Any]], int]:
+        """Lines from ``offset`` on, and the offset after them."""
+        lines = self.lines[offset:]
+        return lines, offset + len(lines)
 
 
 class _Stream(io.TextIOBase):
@@ -96,6 +107,67 @@ class _Stream(io.TextIOBase):
 
     def flush(self) -> None:
         self.original.flush()
+
+
+class _Tee(io.TextIOBase):
+    """A map task's stdout while it runs the user's function: complete lines are kept, and
+    everything goes on to the worker's own log as before."""
+
+    def __init__(self, original: Any) -> None:
+        self.original, self.pending, self.lines = original, "", []
+
+    def write(self, text: str) -> int:
+        self.original.write(text)
+        self.pending += text
+        *complete, self.pending = self.pending.split("\n")
+        self.lines += [
+            {"time": time.time(), "level": "INFO", "source": "print", "message": line}
+            for line in complete
+            if line.strip()
+        ]
+        return len(text)
+
+    def flush(self) -> None:
+        self.original.flush()
+
+
+def forwarding_prints(fn: Any, stage_id: str, executor: Any) -> Any:
+    """``fn`` (a batch function, or a callable class for an actor pool) whose prints while it runs
+    in a map task reach the stage's log on ``executor``: those tasks run in other processes than
+    the stage's own, where ``install`` does not reach."""
+    import functools
+    import inspect
+
+    import ray
+
+    def call(target: Any, *args: Any, **kwargs: Any) -> Any:
+        tee = _Tee(sys.stdout)
+        sys.stdout = tee
+        try:
+            return target(*args, **kwargs)
+        finally:
+            sys.stdout = tee.original
+            if tee.pending.strip():
+                tee.write("\n")
+            if tee.lines:  # waited for: the lines are in before the stage's result
+                ray.get(executor.add_prints.remote(stage_id, tee.lines))
+
+    if inspect.isgeneratorfunction(fn) or (isinstance(fn, type) and inspect.isgeneratorfunction(fn.__call__)):
+        return fn  # its batches are made lazily, outside any call we could wrap
+    if isinstance(fn, type):
+
+        class Forwarding(fn):
+            def __call__(self, *args: Any, **kwargs: Any) -> Any:
+                return call(super().__call__, *args, **kwargs)
+
+        Forwarding.__name__ = Forwarding.__qualname__ = fn.__name__  # Ray Data names its operator after it
+        return Forwarding
+
+    @functools.wraps(fn)
+    def function(*args: Any, **kwargs: Any) -> Any:
+        return call(fn, *args, **kwargs)
+
+    return function
 
 
 def install() -> StageLog:

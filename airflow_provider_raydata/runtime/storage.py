@@ -56,10 +56,6 @@ def gcs_filesystem(options: dict[str, Any]) -> pafs.GcsFileSystem:
     return pafs.GcsFileSystem(**kwargs)
 
 
-def join_uri(base: str, *parts: str) -> str:
-    return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
-
-
 def exists(fs: pafs.FileSystem, path: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 

@@ -22,6 +22,7 @@ import ray.data
 from ray.data.aggregate import Count, CountDistinct, Max, Mean, Min, Sum
 
 from ..contracts import DataError, DatasetRef
+from . import stage_log
 from .expressions import compile_expression
 from .sources import read_ref
 from .specs import (
@@ -76,6 +77,8 @@ def _map_batches(ds, step, columns, label, storage, rows_hint=None):
     fn = resolve_callable(step["fn"])
     if isinstance(fn, type) and "concurrency" not in options:
         options["concurrency"] = 1  # a callable class runs in actors and needs a pool size
+    if stage_log.forward_prints_to is not None:
+        fn = stage_log.forwarding_prints(fn, *stage_log.forward_prints_to)
     return ds.map_batches(fn, **options), None
 
 
@@ -114,18 +117,36 @@ def _drop_duplicates(ds, step, columns, label, storage, rows_hint=None):
     keys, order_by = list(step["keys"]), step.get("order_by")
     if columns is not None:
         check_columns(keys + ([order_by] if order_by else []), columns, label)
-    return (
-        ds.groupby(keys).map_groups(
-            keep_one_row, batch_format="pyarrow", fn_kwargs={"order_by": order_by, "keep": step.get("keep")}
-        ),
-        columns,
-    )
+    options = {"key_columns": keys, "order_by": order_by, "keep": step.get("keep")}
+    # Two phases, both vectorised: each block keeps one row per key, then the survivors are
+    # shuffled by a hash of the key into buckets and each bucket keeps one row per key. Ray's
+    # groupby(keys).map_groups calls Python once per key (8 s for 8,000 rows in the demo).
+    buckets = max(int(ray.cluster_resources().get("CPU", 2)), math.ceil((rows_hint or 0) / DEDUP_BUCKET_ROWS), 1)
+    hashed = _arrow_map(ds, keep_one_per_key, **options, buckets=buckets)
+    deduped = hashed.groupby(BUCKET).map_groups(keep_one_per_key, batch_format="pyarrow", fn_kwargs=options)
+    return deduped, columns
 
 
-def keep_one_row(group: pa.Table, order_by: str | None, keep: str | None) -> pa.Table:
+BUCKET = "__raydata_bucket"
+DEDUP_BUCKET_ROWS = 1_000_000  # rows per bucket of drop_duplicates' shuffle: one task's table each
+
+
+def keep_one_per_key(
+    table: pa.Table, key_columns: list[str], order_by: str | None, keep: str | None, buckets: int | None = None
+) -> pa.Table:
+    """One row per key: the first or last by ``order_by`` (else in the table's order). With
+    ``buckets``, the rows kept get a bucket column (a hash of the key); without, it is dropped."""
+    position = "__raydata_position"
     if order_by:
-        group = group.sort_by([(order_by, "ascending")])
-    return group.slice(group.num_rows - 1 if keep == "last" else 0, 1)
+        table = table.sort_by([(order_by, "ascending")])  # a stable sort
+    numbered = table.append_column(position, pa.array(np.arange(table.num_rows)))
+    pick = "max" if keep == "last" else "min"
+    picked = numbered.group_by(key_columns, use_threads=False).aggregate([(position, pick)])
+    kept = table.take(np.sort(picked[f"{position}_{pick}"].to_numpy()))  # in the table's order
+    if buckets is None:
+        return kept.drop_columns([BUCKET]) if BUCKET in kept.column_names else kept
+    hashes = pd.util.hash_pandas_object(kept.select(key_columns).to_pandas(), index=False).to_numpy()
+    return kept.append_column(BUCKET, pa.array((hashes % buckets).astype(np.int64)))
 
 
 def _join(ds, step, columns, label, storage, rows_hint=None):

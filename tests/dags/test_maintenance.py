@@ -17,7 +17,7 @@ from datetime import datetime
 from airflow.sdk import DAG, task
 
 from airflow_provider_raydata.operators import RayDataStagingCleanupOperator
-from airflow_provider_raydata.runtime.refs import safe_segment
+from airflow_provider_raydata.runtime.paths import safe_segment
 
 STAGING = {staging!r}
 
@@ -45,7 +45,7 @@ with DAG(dag_id="cleanup_probe", schedule="@daily", start_date=datetime(2024, 1,
 def test_cleanup_keeps_a_running_runs_output_and_removes_a_finished_ones(airflow_db, ray_head, tmp_path, monkeypatch):
     from airflow.dag_processing.dagbag import DagBag
 
-    from airflow_provider_raydata.runtime.refs import safe_segment
+    from airflow_provider_raydata.runtime.paths import safe_segment
 
     staging, dags = tmp_path / "staging", tmp_path / "dags"
     dags.mkdir()

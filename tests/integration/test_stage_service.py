@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -40,10 +41,10 @@ PIPELINE_SCRIPT = """
 import json, sys
 from airflow_provider_raydata.operators import RayDataQualityOperator, RayDataTransformOperator
 from tests.helpers import run_operator
-from tests.slow_functions import slow_double
+from tests.slow_functions import noisy_double
 
 ref, staging = json.loads(sys.argv[1]), sys.argv[2]
-clean = RayDataTransformOperator(task_id="clean", input=ref, fn=slow_double, fn_kwargs={"seconds": 0},
+clean = RayDataTransformOperator(task_id="clean", input=ref, fn=noisy_double,
                                  steps=[{"op": "filter", "expr": "id >= 10"}], staging_uri=staging)
 out, _ = run_operator(clean)
 checked = RayDataQualityOperator(task_id="quality", input=out, staging_uri=staging,
@@ -78,6 +79,10 @@ def test_a_task_process_on_the_service_imports_no_ray_and_logs_stage_lines_at_th
     assert len(started) == 2 and all("[info" in line for line in started), started
     assert not [line for line in output.splitlines() if "[stage]" in line and "[error" in line]
     assert "quality stage tests.quality@manual__2024-01-02T00:00:00+00:00 finished" in output
+    # The user function's prints, made in Ray Data's map tasks (other processes), too.
+    printed = [line for line in output.splitlines() if "[stage] noisy_double:" in line]
+    assert printed and all("[info" in line for line in printed), printed
+    assert sum(int(re.search(r"noisy_double: (\d+) rows", line)[1]) for line in printed) == 200
 
 
 def test_the_api_answers_bad_requests_with_a_4xx_naming_the_problem_and_keeps_serving(service_conn):

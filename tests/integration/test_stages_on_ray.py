@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from datetime import datetime
 from pathlib import Path
 
@@ -30,6 +31,7 @@ pytestmark = pytest.mark.integration
 
 def modulo_band(batch: pd.DataFrame, divisor: int) -> pd.DataFrame:
     """A user function doing pandas arithmetic (pandas 3 Arrow-backed batches break on %)."""
+    print(f"modulo_band: {len(batch)} rows")  # reaches the task log (see the test)
     batch["band"] = batch["id"] % divisor
     batch["double_price"] = batch["price"] * 2
     return batch
@@ -110,7 +112,7 @@ def test_extract_csv_and_json(ray_conn, table, staging, pattern, fmt):
     assert pq.read_table(ref["uri"]).column("price").to_pylist() is not None
 
 
-def test_transform_user_function_and_steps_match_pandas(ray_conn, table, source, staging):
+def test_transform_user_function_and_steps_match_pandas(ray_conn, table, source, staging, capfd):
     root, frame = table
     dim = pd.DataFrame({"group": [f"g{i}" for i in range(5)], "label": [f"L{i}" for i in range(5)]})
     dim_path = f"{staging}-dim"
@@ -147,6 +149,10 @@ def test_transform_user_function_and_steps_match_pandas(ray_conn, table, source,
         assert got.loc[label, "total"] == pytest.approx(expected.loc[label, "total"])
         assert got.loc[label, "n"] == expected.loc[label, "n"]
         assert got.loc[label, "groups"] == 1
+    # The function's prints, made in Ray Data's map tasks, reach the task log as INFO lines.
+    printed = [line for line in "\n".join(capfd.readouterr()).splitlines() if "[stage] modulo_band:" in line]
+    assert printed and all("[info" in line for line in printed), printed
+    assert sum(int(re.search(r"modulo_band: (\d+) rows", line)[1]) for line in printed) == 1000
 
 
 def test_select_rename_cast_dedupe_and_outer_join(ray_conn, table, source, staging):
@@ -172,6 +178,42 @@ def test_select_rename_cast_dedupe_and_outer_join(ray_conn, table, source, stagi
     assert ref["schema"]["price"] == "int32"
     # the outer join keeps the 10 right-side rows that match nothing on the left
     assert len(out) == len(last_per_group) + len(set(range(1, 11)) - set(last_per_group["id"]))
+
+
+@pytest.mark.parametrize("keep", ["first", "last"])
+def test_drop_duplicates_on_composite_keys_spread_over_files_equals_pandas(ray_conn, tmp_path, staging, keep):
+    """Duplicates of a key sit in different files (blocks), so only the shuffle brings them
+    together; 3,000 keys, each up to 4 times, with a null in the key for some."""
+    rows = 12_000
+    frame = pd.DataFrame(
+        {
+            "order": [i % 1500 for i in range(rows)],
+            "line": [None if i % 1000 == 7 else (i // 1500) % 2 for i in range(rows)],
+            "version": [(i * 7919) % rows for i in range(rows)],
+        }
+    )
+    frame["line"] = frame["line"].astype("Int64")
+    root = tmp_path / "dupes"
+    root.mkdir()
+    for part in range(4):
+        pq.write_table(pa.Table.from_pandas(frame.iloc[part::4], preserve_index=False), root / f"p{part}.parquet")
+    ref, _ = run_operator(
+        RayDataTransformOperator(
+            task_id="dedupe",
+            input=extract(staging + "-in", source=str(root)),
+            staging_uri=staging,
+            steps=[{"op": "drop_duplicates", "keys": ["order", "line"], "order_by": "version", "keep": keep}],
+        )
+    )
+    got = pq.read_table(ref["uri"]).to_pandas()
+    expected = frame.sort_values("version").drop_duplicates(["order", "line"], keep=keep)
+    assert list(got.columns) == ["order", "line", "version"]  # no helper column left behind
+    assert ref["num_rows"] == len(expected) < rows
+
+    def rows_of(table: pd.DataFrame) -> list[list[int]]:
+        return sorted(table.fillna(-1).astype("int64").values.tolist())
+
+    assert rows_of(got) == rows_of(expected)
 
 
 def test_quality_passes_input_on_and_reports(ray_conn, source, staging):

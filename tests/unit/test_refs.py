@@ -6,11 +6,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from airflow_provider_raydata.contracts import DatasetRef, ProducedBy
-from airflow_provider_raydata.runtime import refs
+from airflow_provider_raydata.runtime import paths, refs
 
 
 def test_task_prefix_makes_run_ids_path_safe():
-    prefix = refs.task_prefix("s3://bucket/stage/", "daily", "scheduled__2024-01-02T00:00:00+00:00", "load")
+    prefix = paths.task_prefix("s3://bucket/stage/", "daily", "scheduled__2024-01-02T00:00:00+00:00", "load")
     assert prefix == "s3://bucket/stage/daily/scheduled__2024-01-02T00_00_00_00_00/load"
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from airflow_provider_raydata.contracts import CleanupEntry
 from airflow_provider_raydata.runtime import retention
-from airflow_provider_raydata.runtime.refs import safe_segment
+from airflow_provider_raydata.runtime.paths import safe_segment
 
 
 def clean_staging(*args, **kwargs) -> dict:
