@@ -186,7 +186,9 @@ class StageService:
         stage = self._stage(request)
         view = stage.view()
         if stage.state == "running":
-            view["progress"] = await self.executor.progress.remote(stage.stage_id)
+            progress = await self.executor.progress.remote(stage.stage_id)
+            view["rows_read"], view["bytes_read"] = progress["rows_read"], progress["bytes_read"]
+            view["progress"] = progress["datasets"]
         return web.json_response(view)
 
     async def logs(self, request: web.Request) -> web.Response:

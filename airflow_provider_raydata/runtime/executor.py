@@ -31,20 +31,22 @@ class StageProcess:
     actor method to read them would rename the process in the dashboard while the stage runs)."""
 
     def __init__(self, executor: Any) -> None:
-        from . import runner  # noqa: F401 - imports Ray Data, pandas and pyarrow now, not in the stage
+        from . import counters, runner  # noqa: F401 - imports Ray Data, pandas and pyarrow now, not in the stage
         from .stage_log import install
 
         self.executor = executor
         self.stage_log = install()
+        counters.install()
         self.flush_lock = threading.Lock()
         self.pushed: list[ray.ObjectRef] = []  # add_lines calls not yet known done
         threading.Thread(target=self._flush_forever, name="raydata-stage-log", daemon=True).start()
 
     def run(self, spec: StageSpec) -> StageResult:
-        from . import stage_log
+        from . import counters, stage_log
         from .runner import run_stage
         from .stage_log import log
 
+        counters.reset()
         self.stage_log.start(spec.stage_id)
         stage_log.forward_prints_to = (spec.stage_id, self.executor)
         log.info("%s stage %s started in process %d", spec.stage, spec.name, os.getpid())
@@ -67,10 +69,15 @@ class StageProcess:
         commit_held_load(stage_id, commit)
 
     def _flush(self) -> None:
+        from .counters import take_if_changed
+
         with self.flush_lock:
             stage_id, start, lines = self.stage_log.take()
             if lines:
                 self.pushed.append(self.executor.add_lines.remote(stage_id, start, lines))
+            counts = take_if_changed()
+            if counts and stage_id:
+                self.pushed.append(self.executor.set_counts.remote(stage_id, counts))
 
     def _flush_forever(self) -> None:
         while True:
@@ -108,6 +115,7 @@ class StageExecutor:
         self.stage_lines: OrderedDict[str, Any] = OrderedDict()  # stage_id -> its stage_log.StageLines
         self.pages: OrderedDict[str, str] = OrderedDict()  # stage_id -> its task's page in the dashboard
         self.datasets: OrderedDict[str, list[str]] = OrderedDict()  # stage_id -> its Ray Data datasets
+        self.counts: OrderedDict[str, dict[str, list[dict]]] = OrderedDict()  # stage_id -> runtime.counters
 
     def run(self, spec: StageSpec) -> StageResult:
         stage_id, identity = spec.stage_id, spec.produced_by.task
@@ -194,33 +202,49 @@ class StageExecutor:
         with self.lock:
             self._lines(stage_id).add_prints(lines)
 
+    @ray.method(concurrency_group="control")
+    def set_counts(self, stage_id: str, counts: dict[str, list[dict[str, Any]]]) -> None:
+        """Rows and bytes so far of each operator of the stage's datasets (``runtime.counters``)."""
+        with self.lock:
+            self._lines(stage_id)  # the stage's entry, and room for it
+            self.counts[stage_id] = counts
+
     def _lines(self, stage_id: str) -> Any:
         from .stage_log import StageLines
 
         if stage_id not in self.stage_lines:
             self.stage_lines[stage_id] = StageLines()
-            for kept_by_stage in (self.stage_lines, self.datasets, self.pages):  # every stage logs
+            for kept_by_stage in (self.stage_lines, self.datasets, self.pages, self.counts):  # every stage logs
                 while len(kept_by_stage) > KEPT_LOGS:
                     kept_by_stage.popitem(last=False)
         return self.stage_lines[stage_id]
 
     @ray.method(concurrency_group="control")
-    def progress(self, stage_id: str) -> list[dict[str, Any]]:
-        """Ray Data's progress of the stage's datasets, as its dashboard page shows it: per
-        operator, tasks finished and the estimated blocks and rows. Empty if Ray Data's stats
-        actor (not a public API) cannot be read."""
+    def progress(self, stage_id: str) -> dict[str, Any]:
+        """How far the stage got: the rows and bytes (in memory) its datasets have read so far,
+        and per dataset Ray Data's progress as its dashboard page shows it (per operator: state,
+        tasks finished, estimated blocks and rows) with each operator's rows and bytes in and out
+        so far. Ray Data's stats actor is not a public API: without it, only the counts."""
         with self.lock:
             tags = list(self.datasets.get(stage_id, []))
-        if not tags:
-            return []
-        try:
-            from ray.data._internal.stats import STATS_ACTOR_NAME, STATS_ACTOR_NAMESPACE
+            counts = dict(self.counts.get(stage_id, {}))
+        known: dict[str, Any] = {}
+        if tags:
+            try:
+                from ray.data._internal.stats import STATS_ACTOR_NAME, STATS_ACTOR_NAMESPACE
 
-            stats = ray.get_actor(STATS_ACTOR_NAME, namespace=STATS_ACTOR_NAMESPACE)
-            known = ray.get(stats.get_datasets.remote(ray.get_runtime_context().get_job_id()), timeout=5)
-        except Exception:  # noqa: BLE001 - progress is a nicety: the stage's status stands without it
-            return []
-        return [dataset_progress(tag, known[tag]) for tag in tags if tag in known]
+                stats = ray.get_actor(STATS_ACTOR_NAME, namespace=STATS_ACTOR_NAMESPACE)
+                known = ray.get(stats.get_datasets.remote(ray.get_runtime_context().get_job_id()), timeout=5)
+            except Exception:  # noqa: BLE001 - progress is a nicety: the stage's status stands without it
+                known = {}
+        datasets = [dataset_progress(tag, known.get(tag, {}), counts.get(tag, [])) for tag in tags]
+        # What each dataset has read: the output of its first operator that makes rows (its source).
+        sources = [next((op for op in operators if op["rows_out"]), None) for operators in counts.values()]
+        return {
+            "rows_read": sum(op["rows_out"] for op in sources if op),
+            "bytes_read": sum(op["bytes_out"] for op in sources if op),
+            "datasets": datasets,
+        }
 
     @ray.method(concurrency_group="control")
     def logs(self, stage_id: str, offset: int = 0) -> tuple[list[dict[str, Any]], int, str | None]:
@@ -235,15 +259,20 @@ class StageExecutor:
         return os.getpid()
 
 
-def dataset_progress(tag: str, dataset: dict[str, Any]) -> dict[str, Any]:
-    operators = [
-        {
+def dataset_progress(tag: str, dataset: dict[str, Any], counts: list[dict[str, Any]]) -> dict[str, Any]:
+    """``dataset``: the stats actor's entry (operators in topology order, as ``counts``)."""
+    operators = []
+    for index, (key, op) in enumerate(dataset.get("operators", {}).items()):
+        entry = {
             "name": op.get("name", key),
             "state": op.get("state"),
             "tasks_finished": op.get("progress", 0),
             "blocks_estimated": op.get("total", 0),
             "rows_estimated": op.get("total_rows", 0),
         }
-        for key, op in dataset.get("operators", {}).items()
-    ]
+        if index < len(counts):
+            entry.update({k: v for k, v in counts[index].items() if k != "name"})
+        operators.append(entry)
+    if not operators:
+        operators = [dict(op) for op in counts]
     return {"dataset": tag, "state": dataset.get("state"), "operators": operators}

@@ -156,6 +156,13 @@ def test_a_repeated_submit_is_the_same_stage_and_a_cancel_stops_it_with_nothing_
         time.sleep(0.5)
     names = [op["name"] for dataset in progress for op in dataset["operators"]]
     assert any("slow_double" in name for name in names) and progress[0]["state"] == "RUNNING", progress
+    # ... with the rows and bytes read so far, and each operator's rows in and out.
+    while not (status := service.status(spec.stage_id)).get("rows_read"):
+        assert time.monotonic() < deadline + 60, f"the running stage's status never counted a row: {status}"
+        time.sleep(0.5)
+    assert status["state"] == "running" and status["rows_read"] <= 1600 and status["bytes_read"] > 0, status
+    mapped = [op for dataset in status["progress"] for op in dataset["operators"] if "slow_double" in op["name"]]
+    assert mapped and 0 < mapped[0]["rows_in"] <= 1600, status
     view = service.cancel(spec.stage_id)
     assert view["cancelled"] is True and view["state"] == "cancelled"
     stage_process.wait(timeout=30)
