@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import socket
 import threading
@@ -169,6 +170,7 @@ class RayHook(BaseHook):
         same cluster in this process (a new session costs seconds); another cluster replaces it."""
         import ray
 
+        hand_ray_logging_to_the_task_log(self.log)
         settings = self.settings
         if settings.embedded:
             if ray.is_initialized() and not _is_embedded(ray):
@@ -592,6 +594,31 @@ def settings_from_connection(
         connect_timeout=float(get("connect_timeout", DEFAULT_CONNECT_TIMEOUT)),
         log_to_driver=str(get("log_to_driver", False)).lower() in ("true", "1", "yes"),
     )
+
+
+CLIENT_LOG_STREAM = "ray.util.client.logsclient"  # Ray's logger for its client server's records (no propagation)
+
+
+class _ToTaskLog(logging.Handler):
+    """Ray's log records, on to a task's logger at their own levels."""
+
+    def __init__(self, target: Any) -> None:
+        super().__init__()
+        self.target = target
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.target.log(record.levelno, "[ray] %s", record.getMessage())
+
+
+def hand_ray_logging_to_the_task_log(target: Any) -> None:
+    """Ray's loggers write to stderr through a handler of their own, and an Airflow task log shows
+    whatever reaches stderr as ERROR lines (Ray's "SIGTERM handler is not set" warning, its INFO
+    lines about the client session), and a Ray Client session's server streams its own records
+    back (its ``ray.init`` warns the same there). They go to ``target``, the hook's logger, instead."""
+    for name in ("ray", CLIENT_LOG_STREAM):
+        logger = logging.getLogger(name)
+        logger.handlers = [_ToTaskLog(target)]
+        logger.propagate = False
 
 
 def _bounded(call, timeout: float, address: str | None, undo) -> None:

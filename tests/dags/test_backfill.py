@@ -78,6 +78,15 @@ def test_backfill_twice_gives_the_same_tables_and_marking_a_task_failed_cancels_
         first_runs = stack.backfill("raydata_incremental", "2024-01-01", last, timeout=timeout)
         assert [r["state"] for r in first_runs] == ["success"] * DAYS, first_runs
         first = snapshot(pg, lake)
+        # Ray's own log lines in the task processes (the client session's) keep their levels: no
+        # stderr lines, which the task log shows as ERROR.
+        stderr = [
+            line
+            for log in stack.logs.glob("dag_id=raydata_incremental/*/*/attempt=*.log")
+            for line in log.read_text().splitlines()
+            if '"logger":"task.stderr"' in line
+        ]
+        assert stderr == [], stderr[:5]
         # The same contents as daily scheduled runs (tests/dags/test_incremental.py runs them day by day).
         orders, payments = incremental_data.expected_state(days)
         assert first["warehouse orders"] == orders and first["warehouse payments"] == payments
