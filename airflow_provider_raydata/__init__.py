@@ -41,7 +41,17 @@ def get_provider_info() -> dict:
                         "type": "float",
                         "example": "0",
                         "default": "5",
-                    }
+                    },
+                    "stage_lease_seconds": {
+                        "description": "On the stage service, a running stage that no request (its task's "
+                        "polls, or its trigger's) asked about for this long is cancelled: its task was marked "
+                        "failed while deferred before a triggerer picked it up, or its worker died. Longer than "
+                        "a triggerer's restart.",
+                        "version_added": "0.1.0",
+                        "type": "float",
+                        "example": "600",
+                        "default": "300",
+                    },
                 },
             }
         },

@@ -25,6 +25,7 @@ from functools import cached_property
 from typing import Any
 from urllib.parse import urlparse
 
+from airflow.configuration import conf
 from airflow.sdk import BaseHook
 from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowNotFoundException
 
@@ -119,6 +120,8 @@ class RayHook(BaseHook):
         self.stage_page: str | None = None  # the stage's page in the dashboard (#/jobs/../tasks/..)
         self.log_offset = 0  # the stage's log lines already in the task log
         self.on_stage_page: Callable[[], None] | None = None  # called (main thread) once it is known
+        # On the service: a stage no request asked about for this long is cancelled there.
+        self.stage_lease_seconds = conf.getfloat("raydata", "stage_lease_seconds", fallback=300.0)
 
     @classmethod
     def get_ui_field_behaviour(cls) -> dict[str, Any]:
@@ -289,7 +292,7 @@ class RayHook(BaseHook):
         """The stage's result; None if it still runs after ``give_up`` seconds."""
         service = self.service()
         self._stage_id = spec.stage_id
-        service.submit(spec)
+        service.submit(spec, lease_seconds=self.stage_lease_seconds)
         self._running = spec.stage_id
         now = time.monotonic()
         deadline = now + timeout if timeout else None

@@ -112,7 +112,8 @@ def stage_outcome(view: dict[str, Any], label: str) -> StageResult:
             f"The load on {label} was rolled back before it was committed (it waited longer than the executor's "
             "commit wait, or a newer try of this task replaced it): nothing was published"
         )
-    raise AirflowException(f"Stage {view['stage_id']} on {label} was cancelled ({state})")
+    reason = (view.get("error") or {}).get("message")
+    raise AirflowException(f"Stage {view['stage_id']} on {label} was cancelled ({reason or state})")
 
 
 class StageServiceClient:
@@ -132,8 +133,10 @@ class StageServiceClient:
     def health(self) -> dict[str, Any]:
         return self.call("GET", "/v1/health", "a health check")
 
-    def submit(self, spec: StageSpec) -> dict[str, Any]:
-        return self.call("POST", "/v1/stages", f"the submit of stage {spec.stage_id}", json={"spec": encode_spec(spec)})
+    def submit(self, spec: StageSpec, lease_seconds: float | None = None) -> dict[str, Any]:
+        """``lease_seconds``: the service cancels the stage once no request asked about it for that long."""
+        body = {"spec": encode_spec(spec), "lease_seconds": lease_seconds}
+        return self.call("POST", "/v1/stages", f"the submit of stage {spec.stage_id}", json=body)
 
     def status(self, stage_id: str) -> dict[str, Any]:
         return self.call("GET", f"/v1/stages/{stage_id}", f"the status of stage {stage_id}")

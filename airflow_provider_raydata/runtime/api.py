@@ -7,7 +7,9 @@ Every call needs ``Authorization: Bearer <token>``; the service knows only the t
 on a loopback address. Routes (JSON in and out; ``{"error": ...}`` with a 4xx names a problem)::
 
     GET  /v1/health                    service and Ray versions, protocol, stages running
-    POST /v1/stages                    {"spec": <wire spec>} -> the stage (idempotent by stage_id)
+    POST /v1/stages                    {"spec": <wire spec>, "lease_seconds": n} -> the stage
+                                       (idempotent by stage_id; with a lease, a running stage
+                                       nobody asks about for n seconds is cancelled)
     GET  /v1/stages/{id}               state, timings, result or error
     GET  /v1/stages/{id}/logs?offset=  its log lines from offset on, and the next offset
     POST /v1/stages/{id}/cancel        stop it (or roll back a held load)
@@ -59,6 +61,8 @@ class Stage:
     error: dict[str, Any] | None = None
     cancelling: bool = False
     dashboard_path: str | None = None  # its task's page in the dashboard, once it started
+    lease_seconds: float | None = None  # cancelled when nobody asked about it for this long
+    last_seen: float = field(default_factory=time.monotonic)  # the last request about it
     ended: asyncio.Event = field(default_factory=asyncio.Event)  # left "running"
 
     def view(self) -> dict[str, Any]:
@@ -170,15 +174,19 @@ class StageService:
             raise RequestError(400, f"invalid stage spec: {type(exc).__name__}: {exc}") from None
         if not STAGE_ID.match(spec.stage_id):
             raise RequestError(400, "stage_id must be 1-128 letters, digits, '_', '.' or '-'")
+        lease = body.get("lease_seconds")
+        if lease is not None and (isinstance(lease, bool) or not isinstance(lease, (int, float)) or lease <= 0):
+            raise RequestError(400, f"lease_seconds must be a positive number of seconds, got {lease!r}")
         existing = self.stages.get(spec.stage_id)
         if existing is not None:  # a repeated submit (a retried request): the same stage
             return web.json_response(existing.view())
-        stage = Stage(spec.stage_id, spec.name, spec.stage)
+        stage = Stage(spec.stage_id, spec.name, spec.stage, lease_seconds=lease)
         self.stages[spec.stage_id] = stage
         self._forget_old()
-        task = asyncio.get_running_loop().create_task(self._run(stage, spec))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        for work in (self._run(stage, spec), *((self._expire(stage),) if lease else ())):
+            task = asyncio.get_running_loop().create_task(work)
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
         log.info("stage %s (%s, %s) submitted", stage.stage_id, stage.name, stage.stage)
         return web.json_response(stage.view(), status=201)
 
@@ -266,6 +274,24 @@ class StageService:
                 self._finish(stage, "succeeded")
         log.info("stage %s %s", stage.stage_id, stage.state)
 
+    async def _expire(self, stage: Stage) -> None:
+        """Cancel the stage once nobody asked about it for its lease: its Airflow task is gone (its
+        worker died, or it was marked failed while deferred, before any triggerer polled it)."""
+        while stage.state == "running":
+            idle = time.monotonic() - stage.last_seen
+            if idle < stage.lease_seconds:
+                await asyncio.sleep(min(stage.lease_seconds - idle, 5.0))
+                continue
+            stage.cancelling = True
+            stage.error = {
+                "message": f"cancelled: nothing asked about it for {stage.lease_seconds:g}s (its lease)",
+                "data_error": False,
+            }
+            await self.executor.cancel.remote(stage.stage_id)
+            if stage.state == "running":
+                self._finish(stage, "cancelled")
+            log.warning("stage %s cancelled: no request about it for %gs", stage.stage_id, stage.lease_seconds)
+
     def _finish(self, stage: Stage, state: str) -> None:
         stage.state, stage.finished = state, time.time()
         stage.ended.set()
@@ -276,6 +302,7 @@ class StageService:
         if stage is None:
             reason = "it never ran here, or the service restarted"
             raise RequestError(404, f"no stage {stage_id!r} on this service ({reason})")
+        stage.last_seen = time.monotonic()  # renews its lease
         return stage
 
     def _forget_old(self) -> None:

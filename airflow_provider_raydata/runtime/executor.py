@@ -237,7 +237,11 @@ class StageExecutor:
                 known = ray.get(stats.get_datasets.remote(ray.get_runtime_context().get_job_id()), timeout=5)
             except Exception:  # noqa: BLE001 - progress is a nicety: the stage's status stands without it
                 known = {}
-        datasets = [dataset_progress(tag, known.get(tag, {}), counts.get(tag, [])) for tag in tags]
+        datasets = [
+            dataset_progress(tag, known.get(tag, {}), counts.get(tag, []))
+            for tag in tags
+            if tag in known or counts.get(tag)
+        ]
         # What each dataset has read: the output of its first operator that makes rows (its source).
         sources = [next((op for op in operators if op["rows_out"]), None) for operators in counts.values()]
         return {

@@ -101,6 +101,8 @@ def test_the_api_answers_bad_requests_with_a_4xx_naming_the_problem_and_keeps_se
         assert typo.status_code == 400 and "stagee" in typo.json()["error"]
         bad_id = client.post("/v1/stages", json={"spec": {**encode_spec(spec), "stage_id": "../etc"}})
         assert bad_id.status_code == 400 and "stage_id" in bad_id.json()["error"]
+        bad_lease = client.post("/v1/stages", json={"spec": encode_spec(spec), "lease_seconds": -1})
+        assert bad_lease.status_code == 400 and "lease_seconds" in bad_lease.json()["error"]
         assert client.get("/v1/stages/never-submitted").status_code == 404
         assert "no route" in client.get("/v1/nothing-here").json()["error"]
         huge = client.post(
@@ -151,7 +153,7 @@ def test_a_repeated_submit_is_the_same_stage_and_a_cancel_stops_it_with_nothing_
     assert len(processes("ray::tests.cancelled")) == 1  # one stage ran, not two
     # Its status shows Ray Data's progress: the stage's operators, as the dashboard's Ray Data page does.
     deadline = time.monotonic() + 30
-    while not (progress := service.status(spec.stage_id).get("progress")):
+    while not ((progress := service.status(spec.stage_id).get("progress")) and progress[0]["state"]):
         assert time.monotonic() < deadline, "the running stage's status never showed Ray Data's progress"
         time.sleep(0.5)
     names = [op["name"] for dataset in progress for op in dataset["operators"]]
@@ -168,6 +170,37 @@ def test_a_repeated_submit_is_the_same_stage_and_a_cancel_stops_it_with_nothing_
     stage_process.wait(timeout=30)
     assert service.status(spec.stage_id)["state"] == "cancelled"
     assert committed_attempts(staging, "cancelled") == []
+
+
+def test_a_stage_nobody_asks_about_for_its_lease_is_cancelled_and_one_polled_runs_on(service_conn, tmp_path):
+    """A task marked failed while deferred, before any triggerer polled its stage, or a worker
+    that died: the service cancels the stage once its lease runs out with no request about it."""
+    from tests.helpers import FakeTaskInstance
+
+    service = RayHook().service()
+    ref = committed_ids(tmp_path / "in", files=8, rows_per_file=100)
+    staging = tmp_path / "staging"
+    specs = {}
+    for task_id in ("orphan", "polled"):
+        op = slow_transform(task_id, ref, staging, fn_kwargs={"seconds": 2})
+        ti = FakeTaskInstance(task_id=task_id)
+        fields = op.stage_fields({"ti": ti})
+        fields["output_uri"] = str(staging / task_id)
+        specs[task_id] = op.stage_spec(ti, stage_id=f"{task_id}-{uuid.uuid4().hex[:8]}", **fields)
+        service.submit(specs[task_id], lease_seconds=3)
+    orphan_process = wait_for_processes("ray::tests.orphan", timeout=120)[0]
+    deadline = time.monotonic() + 120
+    while orphan_process.is_running() and orphan_process.status() != "zombie":
+        assert time.monotonic() < deadline, "the stage nobody asked about was never cancelled"
+        assert service.status(specs["polled"].stage_id)["state"] == "running"  # renews its lease only
+        time.sleep(1)
+    orphan = service.status(specs["orphan"].stage_id)
+    assert orphan["state"] == "cancelled" and "lease" in orphan["error"]["message"], orphan
+    while (polled := service.status(specs["polled"].stage_id))["state"] == "running":
+        assert time.monotonic() < deadline, polled
+        time.sleep(1)
+    assert polled["state"] == "succeeded", polled
+    assert committed_attempts(staging, "orphan") == [] and len(committed_attempts(staging, "polled")) == 1
 
 
 def test_a_postgres_load_over_the_service_is_committed_once(service_conn, pg, tmp_path):
