@@ -27,7 +27,7 @@ demo: install
 bench: install
 	$(PY) benchmarks/daily_pipeline.py
 
-bench-control: install  # both transports: task overhead, a 7-day backfill each, slots (about 25 minutes here)
+bench-control: install  # both transports: task overhead, a 7-day backfill each, slots (about 19 minutes here)
 	$(PY) benchmarks/control_plane.py
 
 bench-quality: install
