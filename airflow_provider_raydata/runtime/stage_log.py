@@ -152,8 +152,10 @@ def forwarding_prints(fn: Any, stage_id: str, executor: Any) -> Any:
             if tee.lines:  # waited for: the lines are in before the stage's result
                 ray.get(executor.add_prints.remote(stage_id, tee.lines))
 
-    if inspect.isgeneratorfunction(fn) or (isinstance(fn, type) and inspect.isgeneratorfunction(fn.__call__)):
-        return fn  # its batches are made lazily, outside any call we could wrap
+    target = fn.__call__ if isinstance(fn, type) else fn
+    lazy = (inspect.isgeneratorfunction, inspect.iscoroutinefunction, inspect.isasyncgenfunction)
+    if any(kind(target) for kind in lazy):
+        return fn  # its batches are made outside any call we could wrap (and Ray Data looks at its kind)
     if isinstance(fn, type):
 
         class Forwarding(fn):
