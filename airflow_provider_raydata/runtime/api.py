@@ -29,6 +29,7 @@ import platform
 import re
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,7 +63,8 @@ class Stage:
     cancelling: bool = False
     dashboard_path: str | None = None  # its task's page in the dashboard, once it started
     lease_seconds: float | None = None  # cancelled when nobody asked about it for this long
-    last_seen: float = field(default_factory=time.monotonic)  # the last request about it
+    last_seen: float = field(default_factory=time.monotonic)  # the end of the last request about it
+    asking: int = 0  # requests about it in progress (a status can wait on a busy executor)
     ended: asyncio.Event = field(default_factory=asyncio.Event)  # left "running"
 
     def view(self) -> dict[str, Any]:
@@ -194,7 +196,8 @@ class StageService:
         stage = self._stage(request)
         view = stage.view()
         if stage.state == "running":
-            progress = await self.executor.progress.remote(stage.stage_id)
+            with self._asking(stage):
+                progress = await self.executor.progress.remote(stage.stage_id)
             view["rows_read"], view["bytes_read"] = progress["rows_read"], progress["bytes_read"]
             view["progress"] = progress["datasets"]
         return web.json_response(view)
@@ -209,10 +212,11 @@ class StageService:
             wait = min(float(request.query.get("wait", "0")), MAX_LOG_WAIT_SECONDS)
         except ValueError:
             raise RequestError(400, f"wait must be a number of seconds, got {request.query['wait']!r}") from None
-        if wait > 0 and stage.state == "running":
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stage.ended.wait(), wait)
-        lines, next_offset, stage.dashboard_path = await self.executor.logs.remote(stage.stage_id, max(offset, 0))
+        with self._asking(stage):
+            if wait > 0 and stage.state == "running":
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stage.ended.wait(), wait)
+            lines, next_offset, stage.dashboard_path = await self.executor.logs.remote(stage.stage_id, max(offset, 0))
         body = {
             "lines": lines,
             "next_offset": next_offset,
@@ -279,8 +283,8 @@ class StageService:
         worker died, or it was marked failed while deferred, before any triggerer polled it)."""
         while stage.state == "running":
             idle = time.monotonic() - stage.last_seen
-            if idle < stage.lease_seconds:
-                await asyncio.sleep(min(stage.lease_seconds - idle, 5.0))
+            if idle < stage.lease_seconds or stage.asking:
+                await asyncio.sleep(min(max(stage.lease_seconds - idle, 0.5), 5.0))
                 continue
             stage.cancelling = True
             stage.error = {
@@ -291,6 +295,16 @@ class StageService:
             if stage.state == "running":
                 self._finish(stage, "cancelled")
             log.warning("stage %s cancelled: no request about it for %gs", stage.stage_id, stage.lease_seconds)
+
+    @contextlib.contextmanager
+    def _asking(self, stage: Stage) -> Iterator[None]:
+        """A request about ``stage`` in progress: its lease does not run out meanwhile."""
+        stage.asking += 1
+        try:
+            yield
+        finally:
+            stage.asking -= 1
+            stage.last_seen = time.monotonic()
 
     def _finish(self, stage: Stage, state: str) -> None:
         stage.state, stage.finished = state, time.time()

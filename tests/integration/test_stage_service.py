@@ -187,10 +187,10 @@ def test_a_stage_nobody_asks_about_for_its_lease_is_cancelled_and_one_polled_run
         fields = op.stage_fields({"ti": ti})
         fields["output_uri"] = str(staging / task_id)
         specs[task_id] = op.stage_spec(ti, stage_id=f"{task_id}-{uuid.uuid4().hex[:8]}", **fields)
-        service.submit(specs[task_id], lease_seconds=3)
-    orphan_process = wait_for_processes("ray::tests.orphan", timeout=120)[0]
+        service.submit(specs[task_id], lease_seconds=5)
+    wait_for_processes("ray::tests.orphan", timeout=120)
     deadline = time.monotonic() + 120
-    while orphan_process.is_running() and orphan_process.status() != "zombie":
+    while processes("ray::tests.orphan"):
         assert time.monotonic() < deadline, "the stage nobody asked about was never cancelled"
         assert service.status(specs["polled"].stage_id)["state"] == "running"  # renews its lease only
         time.sleep(1)
@@ -323,8 +323,9 @@ def test_the_triggerer_event_loop_stays_responsive_while_many_stages_are_polled(
 
     events, lag = asyncio.run(watch())
     assert [e["state"] for e in events] == ["succeeded"] * 48, events
-    # Measured here: 0.05-0.17 s (garbage collection, 2 busy cores); an SSL context per client: 2.7 s.
-    assert lag < 0.5, f"the event loop was blocked for {lag:.2f}s"
+    # Measured here: 0.05-0.17 s (garbage collection, 2 busy cores), 1.15 s once in a full run on a
+    # slower machine; an SSL context per client (the blocking call this guards against): 2.7 s quiet.
+    assert lag < 1.5, f"the event loop was blocked for {lag:.2f}s"
     assert len(committed_attempts(tmp_path / "stg", "*")) == 8
 
 
