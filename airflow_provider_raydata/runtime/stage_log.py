@@ -11,6 +11,7 @@ import logging
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 MAX_LINES = 20_000  # per stage; later lines are dropped
@@ -87,44 +88,22 @@ class StageLines:
         return lines, offset + len(lines)
 
 
-class _Stream(io.TextIOBase):
-    """stdout/stderr of the stage process: each complete line to the stage log, and on to the
-    worker's own log file as before."""
+class _Lines(io.TextIOBase):
+    """A stdout or stderr that writes on to where it wrote before and hands each complete line
+    (not a blank one, nor one of Ray's task markers) to ``keep``."""
 
-    def __init__(self, handler: StageLog, level: str, original: Any) -> None:
-        self.handler, self.level, self.original, self.pending = handler, level, original, ""
+    def __init__(self, original: Any, keep: Callable[[str], None], skip_log_copies: bool = False) -> None:
+        self.original, self.keep, self.skip_log_copies, self.pending = original, keep, skip_log_copies, ""
 
     def write(self, text: str) -> int:
         self.original.write(text)
-        if sys._getframe(1).f_globals.get("__name__") == "logging":  # a log handler's copy: already kept
-            return len(text)
+        if self.skip_log_copies and sys._getframe(1).f_globals.get("__name__") == "logging":
+            return len(text)  # a log handler's copy of a record the stage log already has
         self.pending += text
         *complete, self.pending = self.pending.split("\n")
         for line in complete:
             if line.strip() and not line.startswith(RAY_MARKERS):
-                self.handler.add(self.level, line, "print")
-        return len(text)
-
-    def flush(self) -> None:
-        self.original.flush()
-
-
-class _Tee(io.TextIOBase):
-    """A map task's stdout while it runs the user's function: complete lines are kept, and
-    everything goes on to the worker's own log as before."""
-
-    def __init__(self, original: Any) -> None:
-        self.original, self.pending, self.lines = original, "", []
-
-    def write(self, text: str) -> int:
-        self.original.write(text)
-        self.pending += text
-        *complete, self.pending = self.pending.split("\n")
-        self.lines += [
-            {"time": time.time(), "level": "INFO", "source": "print", "message": line}
-            for line in complete
-            if line.strip()
-        ]
+                self.keep(line)
         return len(text)
 
     def flush(self) -> None:
@@ -141,16 +120,19 @@ def forwarding_prints(fn: Any, stage_id: str, executor: Any) -> Any:
     import ray
 
     def call(target: Any, *args: Any, **kwargs: Any) -> Any:
-        tee = _Tee(sys.stdout)
-        sys.stdout = tee
+        lines: list[dict[str, Any]] = []
+        stdout = sys.stdout = _Lines(
+            sys.stdout,
+            lambda line: lines.append({"time": time.time(), "level": "INFO", "source": "print", "message": line}),
+        )
         try:
             return target(*args, **kwargs)
         finally:
-            sys.stdout = tee.original
-            if tee.pending.strip():
-                tee.write("\n")
-            if tee.lines:  # waited for: the lines are in before the stage's result
-                ray.get(executor.add_prints.remote(stage_id, tee.lines))
+            sys.stdout = stdout.original
+            if stdout.pending.strip():
+                stdout.write("\n")
+            if lines:  # waited for: the lines are in before the stage's result
+                ray.get(executor.add_prints.remote(stage_id, lines))
 
     target = fn.__call__ if isinstance(fn, type) else fn
     lazy = (inspect.isgeneratorfunction, inspect.iscoroutinefunction, inspect.isasyncgenfunction)
@@ -181,6 +163,6 @@ def install() -> StageLog:
         if name == "":
             logger.setLevel(min(logger.level or logging.INFO, logging.INFO))
     log.setLevel(logging.INFO)
-    sys.stdout = _Stream(handler, "INFO", sys.stdout)
-    sys.stderr = _Stream(handler, "WARNING", sys.stderr)
+    sys.stdout = _Lines(sys.stdout, lambda line: handler.add("INFO", line, "print"), skip_log_copies=True)
+    sys.stderr = _Lines(sys.stderr, lambda line: handler.add("WARNING", line, "print"), skip_log_copies=True)
     return handler
