@@ -105,6 +105,15 @@ class DataError(ValueError):
     fails without retrying. Raised by the runtime and by ``classify`` for drivers' errors."""
 
 
+class MissingInputError(FileNotFoundError):
+    """A source has no file or partition to read at all (not zero rows): data may arrive late, so
+    Airflow retries it; the extract's ``on_missing`` may skip or fail the task instead."""
+
+
+def is_missing_input(exc: BaseException) -> bool:
+    return any(isinstance(error, MissingInputError) for error in _chain(exc))
+
+
 # PostgreSQL/Snowflake SQLSTATE classes that no retry fixes: data exception, integrity
 # constraint violation, syntax error or access rule violation (unknown column, no privilege).
 _DATA_SQLSTATE_CLASSES = ("22", "23", "42")

@@ -29,12 +29,13 @@ from airflow.configuration import conf
 from airflow.sdk import BaseHook
 from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowNotFoundException
 
-from airflow_provider_raydata.contracts import PROTOCOL, StageResult, StageSpec, is_data_error
+from airflow_provider_raydata.contracts import PROTOCOL, StageResult, StageSpec, is_data_error, is_missing_input
 from airflow_provider_raydata.hooks.stage_service import (
     DEFAULT_SERVICE_PORT,
     FINAL_STATES,
     LOG_WAIT_SECONDS,
     JobsApi,
+    MissingInput,
     ServiceTarget,
     StageServiceClient,
     log_stage_lines,
@@ -501,6 +502,8 @@ class RayHook(BaseHook):
 def failure(exc: BaseException) -> type[AirflowException]:
     """AirflowFailException (no retries) for a data error (``contracts.is_data_error``), else a
     retryable AirflowException: the one place where a stage's failure becomes Airflow's."""
+    if is_missing_input(exc):
+        return MissingInput
     return AirflowFailException if is_data_error(exc) else AirflowException
 
 

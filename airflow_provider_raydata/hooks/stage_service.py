@@ -93,6 +93,11 @@ def check_response(response: httpx.Response, url: str, what: str) -> dict[str, A
     return body
 
 
+class MissingInput(AirflowException):
+    """A source had nothing to read (``contracts.MissingInputError``): retried like any
+    AirflowException unless the extract's ``on_missing`` says otherwise."""
+
+
 def unreachable(url: str, exc: Exception) -> AirflowException:
     return AirflowException(f"The stage service at {url} is unreachable: {type(exc).__name__}: {exc}")
 
@@ -106,7 +111,9 @@ def stage_outcome(view: dict[str, Any], label: str) -> StageResult:
         error = view.get("error") or {}
         log.error("Stage failed on %s:\n%s", label, error.get("detail") or error.get("message"))
         failure = AirflowFailException if error.get("data_error") else AirflowException
-        raise failure(f"Stage failed on {label}: {error.get('message')}")
+        raise (MissingInput if error.get("missing_input") else failure)(
+            f"Stage failed on {label}: {error.get('message')}"
+        )
     if state == "rolled_back":
         raise AirflowException(
             f"The load on {label} was rolled back before it was committed (it waited longer than the executor's "

@@ -18,7 +18,7 @@ from typing import Any
 
 from airflow.configuration import conf
 from airflow.sdk import BaseOperator, BaseOperatorLink
-from airflow.sdk.exceptions import AirflowException, AirflowFailException
+from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowSkipException
 
 from airflow_provider_raydata.contracts import (
     CleanupRequest,
@@ -38,7 +38,7 @@ from airflow_provider_raydata.contracts import (
 from airflow_provider_raydata.hooks.bigquery import load_bigquery
 from airflow_provider_raydata.hooks.connections import resolve_connection
 from airflow_provider_raydata.hooks.postgres import sweep_postgres
-from airflow_provider_raydata.hooks.ray import RayHook
+from airflow_provider_raydata.hooks.ray import MissingInput, RayHook
 from airflow_provider_raydata.hooks.snowflake import publish_snowflake
 from airflow_provider_raydata.hooks.storage import aws_storage_options, gcs_storage_options
 from airflow_provider_raydata.pickling import ship_by_value
@@ -292,6 +292,10 @@ class RayDataBaseOperator(BaseOperator):
         return os.path.join(airflow_home, "raydata", "staging")
 
 
+ON_EMPTY = ("continue", "skip", "fail")
+ON_MISSING = ("retry", "skip", "fail")
+
+
 class RayDataExtractOperator(RayDataBaseOperator):
     """Read a source into a committed Parquet dataset on the cluster; return its reference.
 
@@ -314,6 +318,14 @@ class RayDataExtractOperator(RayDataBaseOperator):
         interval (a manual run with no logical date) uses the watermark when one is configured.
         For date-partitioned files set ``"partitioned": True``: the column is the partition
         directory (``.../updated_date=2024-01-02/``) and only the window's partitions are read.
+    :param on_empty: what a run whose source holds no rows does: ``"continue"`` (default) commits
+        an empty dataset that keeps the source's columns and types (CSV header, Parquet schema, the
+        query's description, ``cast``), and the stages after it run on zero rows; ``"skip"`` marks
+        this task and the tasks after it skipped, with the reason; ``"fail"`` fails the task
+        without retries.
+    :param on_missing: what a run whose source has no file or partition at all does (for a SQL
+        source there is always a result, so only ``on_empty`` applies): ``"retry"`` (default) fails
+        the try and lets Airflow retry it (data may arrive late); ``"skip"`` or ``"fail"`` (no retries).
     """
 
     stage = "extract"
@@ -329,9 +341,16 @@ class RayDataExtractOperator(RayDataBaseOperator):
         filter: str | None = None,
         cast: dict[str, str] | None = None,
         incremental: dict[str, Any] | None = None,
+        on_empty: str = "continue",
+        on_missing: str = "retry",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        for name, value, allowed in (("on_empty", on_empty, ON_EMPTY), ("on_missing", on_missing, ON_MISSING)):
+            if value not in allowed:
+                raise ValueError(f"{self.task_id}: {name} must be one of {', '.join(allowed)}, not {value!r}")
+        self.on_empty = on_empty
+        self.on_missing = on_missing
         self.source = source
         self.format = format
         self.columns = columns
@@ -361,6 +380,51 @@ class RayDataExtractOperator(RayDataBaseOperator):
             source = replace(source, window=self.window(context))
         return {"source": resolve_connection(source)}
 
+    def execute(self, context) -> Any:
+        with self.missing_input_policy():
+            return super().execute(context)
+
+    def execute_complete(self, context, event: dict[str, Any]) -> Any:
+        with self.missing_input_policy():
+            return super().execute_complete(context, event)
+
+    def source_label(self) -> str:
+        """The source in the user's terms, for a message."""
+        source = self.source_spec()
+        if source.kind == "files":
+            return f"The source {', '.join(source.paths)}"
+        if source.table:
+            return f"The {source.kind} table {source.table}"
+        return f"The {source.kind} query on {source.default_conn_id}"
+
+    @contextmanager
+    def missing_input_policy(self) -> Iterator[None]:
+        try:
+            yield
+        except MissingInput as exc:
+            if self.on_missing == "skip":
+                raise AirflowSkipException(f"{exc} (on_missing='skip')") from None
+            if self.on_missing == "fail":
+                raise AirflowFailException(f"{exc} (on_missing='fail')") from None
+            raise
+
+    def handle_result(self, context, result: StageResult) -> Any:
+        ref = result.ref
+        if ref is not None and ref.num_rows == 0:
+            where = self.source_label()
+            if self.on_empty == "skip":
+                raise AirflowSkipException(f"{where} has no rows for this run (on_empty='skip')")
+            if self.on_empty == "fail":
+                raise AirflowFailException(f"{where} has no rows for this run (on_empty='fail')")
+            if not ref.schema:
+                raise AirflowFailException(
+                    f"{where} has no rows for this run, and nothing declares its columns (a file format "
+                    "without a header, and no cast): declare them with cast={...}, or set on_empty='skip'"
+                )
+            columns = ", ".join(f"{name} {kind}" for name, kind in ref.schema.items())
+            self.log.info("%s has no rows for this run; its columns go on: %s", where, columns)
+        return super().handle_result(context, result)
+
     def window(self, context) -> IncrementalWindow:
         """The incremental window ``[start, end)`` of this run (``run_context.incremental_window``)."""
         return incremental_window(self.incremental or {}, context, self.task_id)
@@ -371,7 +435,12 @@ class RayDataTransformOperator(RayDataBaseOperator):
 
     :param input: the upstream reference (``upstream.output``), or a templated URI/JSON.
     :param fn: a function (or ``"package.module:function"``) for ``map_batches``; it runs first.
-    :param batch_format: ``pandas`` (default), ``pyarrow`` or ``numpy``.
+    :param batch_format: ``pandas`` (default), ``pyarrow`` or ``numpy``. In pandas, integer and
+        boolean columns are nullable dtypes (``Int64``, ``boolean``): with nulls they stay integers.
+    :param output_schema: ``{"column": "arrow type"}`` for the columns ``fn`` adds or retypes. A
+        column it leaves alone, or fills with values that fit, keeps its type whatever pandas
+        infers (a ``decimal128(38, 10)`` stays one); a column whose values no longer fit its
+        type fails the task unless declared here.
     :param steps: declarative steps (select, rename, cast, filter, drop_duplicates, join,
         aggregate, map_batches); see ``airflow_provider_raydata.runtime.transforms``.
     """
@@ -391,6 +460,7 @@ class RayDataTransformOperator(RayDataBaseOperator):
         num_cpus: float | None = None,
         num_gpus: float | None = None,
         fn_kwargs: dict[str, Any] | None = None,
+        output_schema: dict[str, str] | None = None,
         steps: list[dict[str, Any]] | None = None,
         **kwargs: Any,
     ) -> None:
@@ -404,6 +474,7 @@ class RayDataTransformOperator(RayDataBaseOperator):
             "concurrency": concurrency,
             "num_cpus": num_cpus,
             "num_gpus": num_gpus,
+            "output_schema": output_schema,
         }
         self.steps = list(steps or [])
         if fn is None and not self.steps:

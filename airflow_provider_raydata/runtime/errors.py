@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from ..contracts import is_data_error
+from ..contracts import is_data_error, is_missing_input
 
 _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Invalid|Interrupt)(\(\w+\))?: ")
 
@@ -33,4 +33,9 @@ def root_cause(exc: BaseException) -> str:
 def describe_failure(exc: BaseException) -> dict[str, Any]:
     """What the stage service reports of a failed stage: the cause, whether it is a data error
     (no retry helps), and the remote traceback for the task log."""
-    return {"message": root_cause(exc), "data_error": is_data_error(exc), "detail": str(exc)[-20_000:]}
+    return {
+        "message": root_cause(exc),
+        "data_error": is_data_error(exc),
+        "missing_input": is_missing_input(exc),
+        "detail": str(exc)[-20_000:],
+    }

@@ -3,6 +3,8 @@ committed (``refs.commit``); on the cluster."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pyarrow as pa
 import ray.data
 
@@ -22,18 +24,24 @@ def write_empty_if_needed(fs, path: str, schema: pa.Schema) -> None:
 
 
 def write_output(
-    ds: ray.data.Dataset, spec: StageSpec, min_rows_per_file: int, schema: pa.Schema | None = None
+    ds: ray.data.Dataset,
+    spec: StageSpec,
+    min_rows_per_file: int,
+    schema: pa.Schema | Callable[[], pa.Schema | None] | None = None,
 ) -> DatasetRef:
     """Write to a fresh attempt directory and commit it; never leave a half-written attempt.
-    ``schema``: the schema of an empty result (otherwise asked from ``ds``, which may run part of it)."""
+    ``schema``: the schema of an empty result, or a function that tells it (called only then);
+    otherwise it is asked from ``ds``, which may run part of it."""
     attempt = refs.new_attempt_uri(spec.output_uri, spec.produced_by.try_number)
     fs, path = filesystem_for(attempt, spec.storage)
     try:
         ds.write_parquet(path, filesystem=fs, min_rows_per_file=min_rows_per_file)
-        if schema is None and not refs.data_files(fs, path):
-            found = ds.schema()
-            schema = found.base_schema if found is not None else pa.schema([])
-        write_empty_if_needed(fs, path, schema)
+        if not refs.data_files(fs, path):
+            schema = schema() if callable(schema) else schema
+            if schema is None:
+                found = ds.schema()
+                schema = found.base_schema if found is not None else pa.schema([])
+            write_empty_if_needed(fs, path, schema)
         return refs.commit(attempt, spec.storage, spec.produced_by)
     except BaseException:
         if exists(fs, path):

@@ -21,7 +21,7 @@ def run_quality(
     always equal rows passed + rows quarantined (verified on the committed files)."""
     storage = spec.storage
     report, checks, keys = run_checks(ds, list(spec.checks), storage, spec.score_threshold)
-    schema = ds.schema().base_schema
+    schema = refs.arrow_schema(source, storage)
     quarantine = refs.new_attempt_uri(join_uri(spec.output_uri, refs.QUARANTINE_DIR), spec.produced_by.try_number)
     fs, path = filesystem_for(quarantine, storage)
     try:

@@ -13,6 +13,7 @@ import json
 import uuid
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -51,6 +52,17 @@ def describe_files(fs: pafs.FileSystem, path: str) -> dict[str, Any]:
         "size_bytes": sum(f.size for f in files),
         "num_files": len(files),
     }
+
+
+def arrow_schema(ref: DatasetRef, storage: dict | None) -> pa.Schema:
+    """A committed dataset's Arrow schema, from its first file's footer (every dataset has one:
+    an empty result is written as one empty file)."""
+    fs, path = filesystem_for(ref.uri, storage)
+    files = data_files(fs, path)
+    if not files:
+        return pa.schema([])
+    with fs.open_input_file(files[0].path) as handle:
+        return pq.read_schema(handle)
 
 
 def commit(attempt_uri: str, storage: dict | None, produced_by: ProducedBy) -> DatasetRef:

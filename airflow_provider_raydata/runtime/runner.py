@@ -7,23 +7,28 @@ The spec (``contracts.StageSpec``) is plain data built by an operator; the resul
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 import time
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
+import ray.data
 from ray.data.context import DataContext, ShuffleStrategy
 
-from ..contracts import DataError, Metrics, StageResult, StageSpec
+from ..contracts import DataError, DatasetRef, Metrics, StageResult, StageSpec
+from . import refs
 from .lake import write_lake
 from .output import write_output
 from .quality import run_quality
 from .retention import clean_staging
 from .sources import read_ref, read_source
-from .transforms import apply_steps
+from .transforms import apply_steps, apply_steps_here, steps_schema
 from .tuning import DEFAULT_TUNING
 
+log = logging.getLogger("airflow_provider_raydata.stage")
 # Loads published in a transaction still open, by stage id: their Airflow task commits them once
 # it holds the result (a task killed before that publishes nothing). Values: commit(True/False).
 HELD_LOADS: dict[str, Callable[[bool], None]] = {}
@@ -66,15 +71,29 @@ def _cleanup(spec: StageSpec, settings: dict) -> StageResult:
 
 
 def _extract(spec: StageSpec, settings: dict) -> StageResult:
-    ref = write_output(read_source(spec.source, spec.storage), spec, settings["min_rows_per_file"])
+    ds, schema = read_source(spec.source, spec.storage)
+    ref = write_output(ds, spec, settings["min_rows_per_file"], schema=schema)
     return StageResult(spec.stage, Metrics(None, ref.num_rows, 0.0), ref=ref)
 
 
 def _transform(spec: StageSpec, settings: dict) -> StageResult:
     ds, source = read_ref(spec.input, spec.storage)
-    ds = apply_steps(ds, spec.steps, spec.storage, rows_hint=source.num_rows)
-    ref = write_output(ds, spec, settings["min_rows_per_file"])
+    input_schema = refs.arrow_schema(source, spec.storage)
+    if source.num_rows == 0:  # Ray Data calls no function on an empty block: its columns come from here
+        ds = ray.data.from_arrow(apply_steps_here(input_schema.empty_table(), list(spec.steps), spec.storage))
+    else:
+        ds = apply_steps(ds, spec.steps, spec.storage, rows_hint=source.num_rows)
+    schema = functools.partial(steps_schema, input_schema, list(spec.steps), spec.storage)
+    ref = write_output(ds, spec, settings["min_rows_per_file"], schema=schema)
+    report_type_changes(source, ref)
     return StageResult(spec.stage, Metrics(source.num_rows, ref.num_rows, 0.0), ref=ref, input=source)
+
+
+def report_type_changes(before: DatasetRef, after: DatasetRef) -> None:
+    """Log the columns whose type the steps changed: a change is visible in the task log."""
+    for name, type_name in after.schema.items():
+        if before.schema.get(name, type_name) != type_name:
+            log.info("Column %r changed type: %s -> %s", name, before.schema[name], type_name)
 
 
 def _quality(spec: StageSpec, settings: dict) -> StageResult:

@@ -23,7 +23,7 @@ from ..contracts import DataError, DatasetRef, IncrementalWindow, Source
 from . import refs
 from .expressions import columns_in, compile_expression
 from .storage import expand, filesystem_for
-from .types import cast_columns, check_columns
+from .types import arrow_type, cast_columns, check_columns
 
 FORMATS: dict[str, tuple[Callable[..., ray.data.Dataset], tuple[str, ...]]] = {
     "parquet": (ray.data.read_parquet, (".parquet",)),
@@ -32,42 +32,63 @@ FORMATS: dict[str, tuple[Callable[..., ray.data.Dataset], tuple[str, ...]]] = {
 }
 
 
-def read_source(source: Source, storage: dict | None) -> ray.data.Dataset:
-    ds = READERS[source.kind](source, storage)
-    if source.kind == "files":
-        return ds
+def read_source(source: Source, storage: dict | None) -> tuple[ray.data.Dataset, pa.Schema | None]:
+    """The source as a lazy dataset (cast, filtered, projected), and the schema its rows have,
+    known without reading them (from file footers or headers, the query's description, or the
+    ``cast`` spec), so that zero rows still carry it; None when nothing declares one."""
+    ds, declared = READERS[source.kind](source, storage)
     columns = list(source.columns) if source.columns else None
     shape = {"casts": source.cast, "row_filter": source.filter, "columns": columns}
-    if source.kind != "postgres" and source.window:  # PostgreSQL applies the window in its query
-        shape["window"] = source.window
-    if not any(shape.values()):
-        return ds
-    return ds.map_batches(shape_batch, batch_format="pyarrow", batch_size=None, zero_copy_batch=True, fn_kwargs=shape)
+    if source.window and not (source.kind == "postgres" or source.window.partitioned):
+        shape["window"] = source.window  # PostgreSQL applies it in its query; partitions by their paths
+    if declared is None and source.cast:  # e.g. JSON, which has no header: the cast names columns and types
+        names = list(dict.fromkeys([*(columns or []), *source.cast]))
+        declared = pa.schema([(name, arrow_type(source.cast.get(name, "null"))) for name in names])
+    schema = shape_batch(declared.empty_table(), **shape).schema if declared is not None else None
+    if any(shape.values()):
+        ds = ds.map_batches(shape_batch, batch_format="pyarrow", batch_size=None, zero_copy_batch=True, fn_kwargs=shape)
+    return ds, schema
 
 
-def read_files(source: Source, storage: dict | None) -> ray.data.Dataset:
+def read_files(source: Source, storage: dict | None) -> tuple[ray.data.Dataset, pa.Schema | None]:
     paths = source.paths
     fmt = source.format or _infer_format(paths[0])
     if fmt not in FORMATS:
         raise DataError(f"Unknown file format {fmt!r}; use one of {', '.join(FORMATS)}")
     reader, extensions = FORMATS[fmt]
     fs, _ = filesystem_for(paths[0], storage)
-    all_files = [f for uri in paths for f in expand(fs, filesystem_for(uri, storage)[1], extensions)]
+    all_files = [
+        found for uri in paths for found in expand(fs, filesystem_for(uri, storage)[1], extensions, scheme_of(uri))
+    ]
     window = source.window
     files = in_window_partitions(all_files, window) if window and window.partitioned else all_files
     columns, row_filter = list(source.columns) if source.columns else None, source.filter
-    kwargs: dict[str, Any] = {"filesystem": fs}
+    kwargs: dict[str, Any] = {"filesystem": fs, "partitioning": None}
     if fmt == "parquet":
         needed = list(columns or []) + sorted(columns_in(row_filter) if row_filter else [])
         schema = check_parquet_files(fs, files or all_files[:1], needed or None)
         check_columns(needed, schema.names, f"source {paths[0]}")
         if columns:
             kwargs["columns"] = list(dict.fromkeys(needed))
-        if not files:  # no partition in this window: an empty increment, with the source's schema
-            return ray.data.from_arrow(schema.empty_table().select(columns or schema.names))
-    ds = reader(files, **kwargs)
-    shape = {"casts": source.cast, "row_filter": row_filter, "columns": columns, "window": window}
-    return ds.map_batches(shape_batch, batch_format="pyarrow", batch_size=None, zero_copy_batch=True, fn_kwargs=shape)
+    else:
+        schema = csv_header(fs, (files or all_files)[0]) if fmt == "csv" else None
+    if not files:  # no partition in this window: an empty increment, with the source's schema
+        return ray.data.from_arrow((schema or pa.schema([])).empty_table()), schema
+    return reader(files, **kwargs), schema
+
+
+def scheme_of(uri: str) -> str:
+    """``s3://`` of ``s3://bucket/key`` (``""`` for a local path): the part a filesystem path lacks."""
+    return uri[: uri.index("://") + 3] if "://" in uri else ""
+
+
+def csv_header(fs, path: str) -> pa.Schema:
+    """A CSV file's columns from its header (and types from its first block: ``null`` when the
+    file has no rows)."""
+    import pyarrow.csv as pacsv
+
+    with fs.open_input_stream(path, compression="detect") as handle:
+        return pacsv.open_csv(handle).schema
 
 
 def check_parquet_files(fs, files: list[str], columns: list[str] | None) -> pa.Schema:
@@ -175,25 +196,25 @@ def _infer_format(path: str) -> str:
     return "parquet"
 
 
-def read_postgres(source: Source, storage: dict | None) -> ray.data.Dataset:
+def read_postgres(source: Source, storage: dict | None) -> tuple[ray.data.Dataset, pa.Schema]:
     from .postgres.read import read_postgres as read  # psycopg is an optional extra
 
     return read(source, storage)
 
 
-def read_snowflake(source: Source, storage: dict | None) -> ray.data.Dataset:
+def read_snowflake(source: Source, storage: dict | None) -> tuple[ray.data.Dataset, pa.Schema]:
     from .snowflake.read import read_snowflake as read  # the Snowflake connector is an optional extra
 
     return read(source, storage)
 
 
-def read_bigquery(source: Source, storage: dict | None) -> ray.data.Dataset:
+def read_bigquery(source: Source, storage: dict | None) -> tuple[ray.data.Dataset, pa.Schema]:
     from .bigquery.read import read_bigquery as read  # google-cloud-bigquery is an optional extra
 
     return read(source, storage)
 
 
-READERS: dict[str, Callable[[Source, dict | None], ray.data.Dataset]] = {
+READERS: dict[str, Callable[[Source, dict | None], tuple[ray.data.Dataset, pa.Schema | None]]] = {
     "files": read_files,
     "postgres": read_postgres,
     "snowflake": read_snowflake,

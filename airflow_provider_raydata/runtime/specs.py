@@ -18,7 +18,16 @@ from .types import arrow_type, type_class
 AGGREGATE_NAMES = ("sum", "count", "mean", "min", "max", "count_distinct")
 JOIN_TYPES = {"inner": "inner", "left": "left_outer", "outer": "full_outer"}
 ARROW_JOIN_TYPES = {"inner": "inner", "left": "left outer"}
-MAP_BATCHES_OPTIONS = ("batch_format", "batch_size", "concurrency", "num_cpus", "num_gpus", "fn_kwargs")
+BATCH_FORMATS = ("pandas", "pyarrow", "numpy")
+MAP_BATCHES_OPTIONS = (
+    "batch_format",
+    "batch_size",
+    "concurrency",
+    "num_cpus",
+    "num_gpus",
+    "fn_kwargs",
+    "output_schema",
+)
 # Inner and left joins against a right side smaller than this (Parquet bytes) are broadcast to
 # every batch instead of hash-shuffling both sides: Ray's hash join costs seconds of actor start-up.
 BROADCAST_JOIN_MAX_BYTES = 256 * 1024 * 1024
@@ -71,6 +80,13 @@ def validate_steps(steps: list[dict[str, Any]]) -> None:
         if op == "cast":
             for type_name in step["columns"].values():
                 arrow_type(type_name)
+        if op == "map_batches":
+            for type_name in (step.get("output_schema") or {}).values():
+                arrow_type(type_name)
+            if step.get("batch_format", "pandas") not in BATCH_FORMATS:
+                raise DataError(
+                    f"Unknown batch_format {step['batch_format']!r} in {label}; use {', '.join(BATCH_FORMATS)}"
+                )
         if op == "drop_duplicates" and step.get("keep", "first") not in ("first", "last"):
             raise DataError(f"'keep' must be 'first' or 'last' in {label}")
 

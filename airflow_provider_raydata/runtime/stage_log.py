@@ -114,10 +114,11 @@ def forwarding_prints(fn: Any, stage_id: str, executor: Any) -> Any:
     """``fn`` (a batch function, or a callable class for an actor pool) whose prints while it runs
     in a map task reach the stage's log on ``executor``: those tasks run in other processes than
     the stage's own, where ``install`` does not reach."""
-    import functools
     import inspect
 
     import ray
+
+    from .batches import around
 
     def call(target: Any, *args: Any, **kwargs: Any) -> Any:
         lines: list[dict[str, Any]] = []
@@ -138,20 +139,7 @@ def forwarding_prints(fn: Any, stage_id: str, executor: Any) -> Any:
     lazy = (inspect.isgeneratorfunction, inspect.iscoroutinefunction, inspect.isasyncgenfunction)
     if any(kind(target) for kind in lazy):
         return fn  # its batches are made outside any call we could wrap (and Ray Data looks at its kind)
-    if isinstance(fn, type):
-
-        class Forwarding(fn):
-            def __call__(self, *args: Any, **kwargs: Any) -> Any:
-                return call(super().__call__, *args, **kwargs)
-
-        Forwarding.__name__ = Forwarding.__qualname__ = fn.__name__  # Ray Data names its operator after it
-        return Forwarding
-
-    @functools.wraps(fn)
-    def function(*args: Any, **kwargs: Any) -> Any:
-        return call(fn, *args, **kwargs)
-
-    return function
+    return around(fn, call)
 
 
 def install() -> StageLog:

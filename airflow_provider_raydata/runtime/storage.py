@@ -9,7 +9,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from ..contracts import DataError
+from ..contracts import DataError, MissingInputError
 
 GLOB_CHARS = "*?["
 
@@ -60,32 +60,33 @@ def exists(fs: pafs.FileSystem, path: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
-def expand(fs: pafs.FileSystem, path: str, extensions: tuple[str, ...]) -> list[str]:
-    """Expand a file, a directory or a glob into data files; raise if nothing matches."""
+def expand(fs: pafs.FileSystem, path: str, extensions: tuple[str, ...], scheme: str = "") -> list[str]:
+    """Expand a file, a directory or a glob into data files; raise ``MissingInputError`` (naming
+    the URI: ``scheme`` is its ``s3://`` part, which ``path`` lacks) if nothing matches."""
     if not any(c in path for c in GLOB_CHARS):
         info = fs.get_file_info(path)
         if info.type == pafs.FileType.File:
             return [path]
         if info.type == pafs.FileType.NotFound:
-            raise FileNotFoundError(f"Source path not found: {path}")
+            raise MissingInputError(f"Source path not found: {scheme}{path}")
         files = [
             f.path
             for f in fs.get_file_info(pafs.FileSelector(path, recursive=True))
             if f.type == pafs.FileType.File and _is_data_file(f.path, path, extensions)
         ]
         if not files:
-            raise FileNotFoundError(f"No {'/'.join(extensions)} files under {path}")
+            raise MissingInputError(f"No {'/'.join(extensions)} files under {scheme}{path}")
         return sorted(files)
     base = path[: min(path.find(c) for c in GLOB_CHARS if c in path)].rsplit("/", 1)[0]
     if not exists(fs, base):
-        raise FileNotFoundError(f"Source path not found: {base} (from pattern {path})")
+        raise MissingInputError(f"Source path not found: {scheme}{base} (from pattern {scheme}{path})")
     files = [
         f.path
         for f in fs.get_file_info(pafs.FileSelector(base, recursive=True))
         if f.type == pafs.FileType.File and fnmatch.fnmatchcase(f.path, path)
     ]
     if not files:
-        raise FileNotFoundError(f"No files match {path}")
+        raise MissingInputError(f"No files match {scheme}{path}")
     return sorted(files)
 
 

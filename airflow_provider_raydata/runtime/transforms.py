@@ -1,6 +1,7 @@
 """Transform steps (on the cluster): plain dicts applied to a Ray Dataset as one lazy pipeline.
 
-{"op": "map_batches", "fn": "pkg.mod:fn", "batch_format": "pandas", "fn_kwargs": {...}}
+{"op": "map_batches", "fn": "pkg.mod:fn", "batch_format": "pandas", "fn_kwargs": {...},
+ "output_schema": {"new_or_retyped_column": "arrow type"}}  (runtime.batches)
 {"op": "select", "columns": [...]}            {"op": "rename", "columns": {"old": "new"}}
 {"op": "cast", "columns": {"col": "float64"}} {"op": "filter", "expr": "qty > 0"}
 {"op": "drop_duplicates", "keys": [...], "order_by": "updated_at", "keep": "last"}
@@ -11,6 +12,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 from collections.abc import Callable
 
@@ -22,17 +24,17 @@ import ray.data
 from ray.data.aggregate import Count, CountDistinct, Max, Mean, Min, Sum
 
 from ..contracts import DataError, DatasetRef
-from . import stage_log
+from . import refs, stage_log
+from .batches import typed_batches
 from .expressions import compile_expression
 from .sources import read_ref
 from .specs import (
     ARROW_JOIN_TYPES,
     BROADCAST_JOIN_MAX_BYTES,
     JOIN_TYPES,
-    MAP_BATCHES_OPTIONS,
     validate_steps,
 )
-from .types import cast_columns, check_columns
+from .types import arrow_type, cast_columns, check_columns
 
 AGGREGATES = {
     "sum": Sum,
@@ -71,15 +73,100 @@ def apply_steps(
     return ds
 
 
+def apply_steps_here(table: pa.Table, steps: list[dict], storage: dict | None) -> pa.Table:
+    """The steps applied in this process to a small table: for an input with no rows, whose
+    result (empty, or one row of a whole-table aggregate, or a right join's right side) and
+    schema Ray Data cannot tell (it calls no function on an empty block)."""
+    for index, step in enumerate(steps, 1):
+        label = f"step {index} ({step['op']})"
+        try:
+            table = HERE[step["op"]](table, step, storage, label)
+        except DataError:
+            raise
+        except Exception as exc:
+            hint = ": declare them with output_schema={...}" if step["op"] == "map_batches" else ""
+            raise DataError(
+                f"{label}: applied to no rows the step raised {type(exc).__name__}: {exc}; "
+                f"so its output columns are unknown{hint}"
+            ) from exc
+    return table
+
+
+def steps_schema(schema: pa.Schema, steps: list[dict], storage: dict | None) -> pa.Schema:
+    """The schema of the steps' result when it has no rows."""
+    return apply_steps_here(schema.empty_table(), steps, storage).schema
+
+
+def _map_batches_here(table: pa.Table, step: dict, storage: dict | None, label: str) -> pa.Table:
+    fn = resolve_callable(step["fn"])
+    typed = typed_batches(fn, step.get("batch_format") or "pandas", step.get("output_schema"), label)
+    result = (typed() if isinstance(fn, type) else typed)(table, **(step.get("fn_kwargs") or {}))
+    if inspect.isgenerator(result):
+        batches = [batch for batch in result if isinstance(batch, pa.Table)]
+        result = pa.concat_tables(batches) if batches else typed_batches_schema(table, step)
+    return result
+
+
+def typed_batches_schema(table: pa.Table, step: dict) -> pa.Table:
+    """A generator that yields nothing for no rows: its declared columns, else its input's."""
+    declared = step.get("output_schema")
+    if declared:
+        return pa.schema([(name, arrow_type(kind)) for name, kind in declared.items()]).empty_table()
+    return table
+
+
+def _join_here(table: pa.Table, step: dict, storage: dict | None, label: str) -> pa.Table:
+    right_ref = DatasetRef.parse(step["right"], f"{label} 'right'")
+    how = step.get("how", "inner")
+    if how in ("right", "outer") or table.num_rows:  # the right side's rows can reach the result
+        right = pa.concat_tables(ray.get(read_ref(right_ref, storage)[0].to_arrow_refs()))
+    else:
+        right = refs.arrow_schema(right_ref, storage).empty_table()
+    on = list(step["on"])
+    right_on = list(step.get("right_on") or on)
+    collide = (set(table.column_names) - set(on)) & (set(right.column_names) - set(right_on))
+    kinds = {"inner": "inner", "left": "left outer", "right": "right outer", "outer": "full outer"}
+    return broadcast_join(table, right, on, right_on, kinds[how], "_right" if collide else None)
+
+
+def _aggregate_here(table: pa.Table, step: dict, storage: dict | None, label: str) -> pa.Table:
+    by, specs = list(step.get("by") or []), []
+    for spec in step["aggs"].values():
+        fn, *args = spec if isinstance(spec, (list, tuple)) else [spec]
+        specs.append(([], "count_all") if fn == "count" and not args else (args[0], fn))
+    result = table.group_by(by, use_threads=False).aggregate(specs)
+    produced = ["count_all" if fn == "count_all" else f"{column}_{fn}" for column, fn in specs]  # pyarrow's names
+    columns = [result[key] for key in by] + [result[name] for name in produced]
+    return pa.Table.from_arrays(columns, names=[*by, *step["aggs"]])
+
+
+HERE = {
+    "map_batches": _map_batches_here,
+    "select": lambda table, step, storage, label: table.select(list(step["columns"])),
+    "rename": lambda table, step, storage, label: table.rename_columns(
+        [step["columns"].get(name, name) for name in table.column_names]
+    ),
+    "cast": lambda table, step, storage, label: cast_columns(table, step["columns"]),
+    "filter": lambda table, step, storage, label: filter_batch(table, step["expr"], label),
+    "drop_duplicates": lambda table, step, storage, label: keep_one_per_key(
+        table, list(step["keys"]), step.get("order_by"), step.get("keep")
+    ),
+    "join": _join_here,
+    "aggregate": _aggregate_here,
+}
+
+
 def _map_batches(ds, step, columns, label, storage, rows_hint=None):
-    options = {k: step[k] for k in MAP_BATCHES_OPTIONS if step.get(k) is not None}
-    options.setdefault("batch_format", "pandas")
+    options = {k: step[k] for k in ("batch_size", "concurrency", "num_cpus", "num_gpus") if step.get(k) is not None}
     fn = resolve_callable(step["fn"])
     if isinstance(fn, type) and "concurrency" not in options:
         options["concurrency"] = 1  # a callable class runs in actors and needs a pool size
+    label = f"{label} {getattr(fn, '__name__', '')}".rstrip()
+    fn = typed_batches(fn, step.get("batch_format") or "pandas", step.get("output_schema"), label)
     if stage_log.forward_prints_to is not None:
         fn = stage_log.forwarding_prints(fn, *stage_log.forward_prints_to)
-    return ds.map_batches(fn, **options), None
+    ds = ds.map_batches(fn, batch_format="pyarrow", fn_kwargs=step.get("fn_kwargs"), **options)
+    return ds, None
 
 
 def _select(ds, step, columns, label, storage, rows_hint=None):

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 from ray.data.datasource import Datasource, ReadTask
 
 from ...contracts import Source
 from .common import _read_client, clients, table_parts
+
+if TYPE_CHECKING:
+    import ray.data
 
 
 def query_parameters(parameters: dict[str, Any] | list | None) -> list:
@@ -52,7 +55,8 @@ def run_query(client, source: Source, default_project: str | None) -> str:
     return f"{job.destination.project}.{job.destination.dataset_id}.{job.destination.table_id}"
 
 
-def read_bigquery(source: Source, storage: dict | None):
+def read_bigquery(source: Source, storage: dict | None) -> tuple[ray.data.Dataset, pa.Schema]:
+    """The table's (or the query result's) rows, and their schema from the read session."""
     import ray
     import ray.data
     from google.cloud import bigquery_storage
@@ -71,9 +75,9 @@ def read_bigquery(source: Source, storage: dict | None):
     schema = pa.ipc.read_schema(pa.py_buffer(session.arrow_schema.serialized_schema))
     empty = ray.data.from_arrow(schema.empty_table())  # keeps the schema when no row matches
     if not session.streams:
-        return empty
+        return empty, schema
     names = [s.name for s in session.streams]
-    return empty.union(ray.data.read_datasource(_Streams(names, conn["token"], schema)))
+    return empty.union(ray.data.read_datasource(_Streams(names, conn["token"], schema))), schema
 
 
 def _read_stream(name: str, token: str, schema: pa.Schema) -> pa.Table:

@@ -3,13 +3,16 @@ cast to the Arrow schema that PostgreSQL describes for the query (so every block
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 from psycopg import sql
 
 from ...contracts import Source
 from .common import connect, table_parts
+
+if TYPE_CHECKING:
+    import ray.data
 
 ARROW_FOR_PG = {
     "bool": pa.bool_(),
@@ -27,7 +30,8 @@ ARROW_FOR_PG = {
 }
 
 
-def read_postgres(source: Source, storage: dict | None):
+def read_postgres(source: Source, storage: dict | None) -> tuple[ray.data.Dataset, pa.Schema]:
+    """The query's rows, and their schema as PostgreSQL describes it."""
     import ray
     import ray.data
 
@@ -44,7 +48,8 @@ def read_postgres(source: Source, storage: dict | None):
         kwargs["override_num_blocks"] = int(source.num_shards or max(2, ray.cluster_resources().get("CPU", 2)))
     ds = ray.data.read_sql(query, _ConnectionFactory(conn_params, text_oids), **kwargs)
     empty = ray.data.from_arrow(schema.empty_table())  # keeps the schema when no row matches
-    return empty.union(ds.map_batches(_conform, fn_kwargs={"schema": schema}, batch_format="pyarrow", batch_size=None))
+    conformed = ds.map_batches(_conform, fn_kwargs={"schema": schema}, batch_format="pyarrow", batch_size=None)
+    return empty.union(conformed), schema
 
 
 def source_query(source: Source) -> tuple[str, Any]:

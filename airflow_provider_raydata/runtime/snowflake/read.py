@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 from ray.data.datasource import Datasource, ReadTask
 
 from ...contracts import Source
 from .common import connect, qualified, table_parts
+
+if TYPE_CHECKING:
+    import ray.data
 
 
 def arrow_type(column) -> pa.DataType:
@@ -40,7 +43,8 @@ def source_query(source: Source) -> tuple[str, Any, str]:
     return source.query, params or None, "pyformat" if isinstance(params, dict) else "qmark"
 
 
-def read_snowflake(source: Source, storage: dict | None):
+def read_snowflake(source: Source, storage: dict | None) -> tuple[ray.data.Dataset, pa.Schema]:
+    """The query's rows, and their schema from the cursor's description."""
     import ray.data
 
     query, params, paramstyle = source_query(source)
@@ -50,8 +54,8 @@ def read_snowflake(source: Source, storage: dict | None):
         batches = [b for b in cur.get_result_batches() or [] if b.rowcount]
     empty = ray.data.from_arrow(schema.empty_table())  # keeps the schema when no row matches
     if not batches:
-        return empty
-    return empty.union(ray.data.read_datasource(_ResultBatches(batches, schema)))
+        return empty, schema
+    return empty.union(ray.data.read_datasource(_ResultBatches(batches, schema))), schema
 
 
 class _ResultBatches(Datasource):
