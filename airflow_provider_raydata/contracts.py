@@ -121,7 +121,7 @@ _DATA_SQLSTATE_CLASSES = ("22", "23", "42")
 # ("duplicate" is not one: a job insert re-sent after a timeout answers it, and the retry finds the job.)
 _BIGQUERY_DATA_REASONS = ("invalid", "invalidQuery", "notFound", "accessDenied")
 # pyarrow's errors about the data itself (a cast that does not fit, a corrupt file's footer).
-_ARROW_DATA_ERRORS = ("ArrowInvalid", "ArrowTypeError", "ArrowNotImplementedError")
+ARROW_DATA_ERRORS = ("ArrowInvalid", "ArrowTypeError", "ArrowNotImplementedError")
 
 
 def is_data_error(exc: BaseException) -> bool:
@@ -136,7 +136,7 @@ def is_data_error(exc: BaseException) -> bool:
     for error in _chain(exc):
         if isinstance(error, DataError):
             return True
-        if type(error).__name__ in _ARROW_DATA_ERRORS and type(error).__module__.startswith("pyarrow"):
+        if type(error).__name__ in ARROW_DATA_ERRORS and type(error).__module__.startswith("pyarrow"):
             return True
         sqlstate = getattr(error, "sqlstate", None)
         if isinstance(sqlstate, str) and sqlstate[:2] in _DATA_SQLSTATE_CLASSES:
@@ -331,6 +331,8 @@ class Source:
     columns: tuple[str, ...] | None = None
     filter: str | None = None  # a row filter such as "qty > 0" (runtime.expressions)
     cast: dict[str, str] = field(default_factory=dict)  # column -> Arrow type name
+    # files: hive folders (day=2024-03-10/) read as these typed columns; others add no column
+    partition_columns: dict[str, str] = field(default_factory=dict)
     window: IncrementalWindow | None = None
     query: str | None = None  # SQL kinds: a query with bound parameters, or a table
     table: str | dict | None = None
@@ -356,6 +358,7 @@ class Source:
         if isinstance(data.get("window"), Mapping):
             data["window"] = IncrementalWindow(**data["window"])
         data["cast"] = dict(data.get("cast") or {})
+        data["partition_columns"] = dict(data.get("partition_columns") or {})
         source = cls(kind=kind, **data)
         if kind == "files" and not source.path:
             raise DataError("a files source needs 'path'")

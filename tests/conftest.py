@@ -177,6 +177,22 @@ def service_conn(ray_head, stage_service, monkeypatch):
     return conn
 
 
+@pytest.fixture(scope="module")
+def service_for_module(ray_head, stage_service):
+    """``service_conn`` for a whole module."""
+    import json
+
+    conn = {
+        "conn_type": "raydata",
+        "host": stage_service,
+        "password": SERVICE_TOKEN,
+        "extra": {"dashboard_url": ray_head.dashboard_url},
+    }
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("AIRFLOW_CONN_RAYDATA_DEFAULT", json.dumps(conn))
+        yield conn
+
+
 @pytest.fixture(scope="session")
 def fakesnow_server():
     """fakesnow's server on loopback: the real Snowflake connector talks HTTP to a DuckDB stand-in."""

@@ -29,7 +29,7 @@ from airflow.configuration import conf
 from airflow.sdk import BaseHook
 from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowNotFoundException
 
-from airflow_provider_raydata.contracts import PROTOCOL, StageResult, StageSpec, is_data_error, is_missing_input
+from airflow_provider_raydata.contracts import PROTOCOL, StageResult, StageSpec
 from airflow_provider_raydata.hooks.stage_service import (
     DEFAULT_SERVICE_PORT,
     FINAL_STATES,
@@ -41,7 +41,7 @@ from airflow_provider_raydata.hooks.stage_service import (
     log_stage_lines,
     stage_outcome,
 )
-from airflow_provider_raydata.runtime.errors import root_cause
+from airflow_provider_raydata.runtime.errors import failure_kind, root_cause
 
 DEFAULT_CLIENT_PORT = 10001
 DEFAULT_CONNECT_TIMEOUT = 30.0
@@ -502,9 +502,10 @@ class RayHook(BaseHook):
 def failure(exc: BaseException) -> type[AirflowException]:
     """AirflowFailException (no retries) for a data error (``contracts.is_data_error``), else a
     retryable AirflowException: the one place where a stage's failure becomes Airflow's."""
-    if is_missing_input(exc):
+    data, missing = failure_kind(exc)
+    if missing:
         return MissingInput
-    return AirflowFailException if is_data_error(exc) else AirflowException
+    return AirflowFailException if data else AirflowException
 
 
 def _executor_handle(name: str, namespace: str):

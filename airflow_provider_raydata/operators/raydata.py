@@ -310,6 +310,9 @@ class RayDataExtractOperator(RayDataBaseOperator):
     :param format: ``parquet``, ``csv`` or ``json`` (default: from the file extension).
     :param columns: columns to keep. :param filter: a row filter such as ``"qty > 0"``.
     :param cast: ``{"column": "arrow type"}`` applied after reading.
+    :param partition_columns: hive-style folders of a files source (``.../day=2024-03-10/...``) to
+        read as typed columns, e.g. ``{"day": "date32"}``. Folders not named here add no column: a
+        table never gains a column the user did not ask for.
     :param incremental: read only what is new or changed, e.g. ``{"column": "updated_at"}``:
         ``"mode": "interval"`` (default) keeps ``data_interval_start <= column < data_interval_end``,
         deterministic and right for backfills; ``"mode": "watermark"`` keeps ``column >=`` the newest
@@ -341,6 +344,7 @@ class RayDataExtractOperator(RayDataBaseOperator):
         filter: str | None = None,
         cast: dict[str, str] | None = None,
         incremental: dict[str, Any] | None = None,
+        partition_columns: dict[str, str] | None = None,
         on_empty: str = "continue",
         on_missing: str = "retry",
         **kwargs: Any,
@@ -351,6 +355,7 @@ class RayDataExtractOperator(RayDataBaseOperator):
                 raise ValueError(f"{self.task_id}: {name} must be one of {', '.join(allowed)}, not {value!r}")
         self.on_empty = on_empty
         self.on_missing = on_missing
+        self.partition_columns = partition_columns
         self.source = source
         self.format = format
         self.columns = columns
@@ -365,7 +370,13 @@ class RayDataExtractOperator(RayDataBaseOperator):
 
     def source_spec(self) -> Source:
         """The source as declared (``contracts.Source``); a problem names this task."""
-        options = {"format": self.format, "columns": self.columns, "filter": self.filter, "cast": self.cast}
+        options = {
+            "format": self.format,
+            "columns": self.columns,
+            "filter": self.filter,
+            "cast": self.cast,
+            "partition_columns": self.partition_columns,
+        }
         try:
             return Source.from_user(self.source, **options)
         except DataError as exc:

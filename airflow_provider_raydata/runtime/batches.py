@@ -9,9 +9,10 @@ column whose values no longer fit fails the step unless ``output_schema`` declar
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -79,12 +80,17 @@ def conform(result: pa.Table, before: pa.Schema, declared: Mapping[str, pa.DataT
             columns.append(column.cast(field.type))  # safe: fails rather than truncate or overflow
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
             was = "declared as" if field.name in declared else "was"
+            new = "string" if _text(column.type) else column.type
             raise DataError(
-                f"{label}: column {field.name!r} {was} {field.type}, and the function returned {column.type} "
+                f"{label}: column {field.name!r} {was} {field.type}, and the function returned {new} "
                 f"values that do not fit it ({exc}); declare its new type with output_schema="
-                f"{{{field.name!r}: '{column.type}'}}"
+                f"{{{field.name!r}: '{new}'}}"
             ) from None
     return pa.Table.from_arrays(columns, schema=wanted)
+
+
+def _text(kind: pa.DataType) -> bool:
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind)
 
 
 def typed_batches(fn: Any, batch_format: str, output_schema: Mapping[str, str] | None, label: str) -> Any:
@@ -105,15 +111,34 @@ def typed_batches(fn: Any, batch_format: str, output_schema: Mapping[str, str] |
     if inspect.isgeneratorfunction(target):
 
         def call(target: Callable, table: pa.Table, *args: Any, **kwargs: Any) -> Any:
-            for batch in target(as_batch(table, batch_format), *args, **kwargs):
-                yield result_of(batch, table.schema)
+            with raised_on_the_data(label):
+                for batch in target(as_batch(table, batch_format), *args, **kwargs):
+                    yield result_of(batch, table.schema)
 
     else:
 
         def call(target: Callable, table: pa.Table, *args: Any, **kwargs: Any) -> Any:
-            return result_of(target(as_batch(table, batch_format), *args, **kwargs), table.schema)
+            with raised_on_the_data(label):
+                result = target(as_batch(table, batch_format), *args, **kwargs)
+            return result_of(result, table.schema)
 
     return around(fn, call)
+
+
+class UserFunctionError(DataError):
+    """A batch function raised on the data: the same batch would raise again, so no retry."""
+
+
+@contextlib.contextmanager
+def raised_on_the_data(label: str) -> Iterator[None]:
+    """A function's exception as a ``UserFunctionError`` that keeps its type and message; an
+    OSError (a lost connection, a timeout in a call the function makes) stays retryable."""
+    try:
+        yield
+    except (OSError, DataError):
+        raise
+    except Exception as exc:
+        raise UserFunctionError(f"{label} raised {type(exc).__name__}: {exc}") from exc
 
 
 def around(fn: Any, call: Callable[..., Any]) -> Any:

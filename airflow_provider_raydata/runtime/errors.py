@@ -7,13 +7,14 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from ..contracts import is_data_error, is_missing_input
+from ..contracts import ARROW_DATA_ERRORS, is_data_error, is_missing_input
 
 _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Invalid|Interrupt)(\(\w+\))?: ")
 
 
 def root_cause(exc: BaseException) -> str:
-    """``Type: message`` of the user's own exception behind Ray's wrappers.
+    """``Type: message`` of the user's own exception behind Ray's wrappers; our own errors
+    (``DataError`` and its kinds) as their message alone: it already says what failed.
 
     Ray Data wraps errors from a step in ``UserCodeException`` and the original exception
     survives only in the remote traceback text: take its last exception line from there.
@@ -24,18 +25,41 @@ def root_cause(exc: BaseException) -> str:
     while cause.__cause__ is not None:
         cause = cause.__cause__
     if type(cause).__name__ != "UserCodeException":
+        kind = type(cause).__name__
+        return str(cause) if kind in OUR_ERRORS else f"{kind}: {cause}"
+    raised = raised_lines(exc)
+    if not raised:
         return f"{type(cause).__name__}: {cause}"
+    kind, _, message = raised[-1].partition(": ")
+    kind = kind.rsplit(".", 1)[-1]
+    return message if kind in OUR_ERRORS else f"{kind}: {message}"
+
+
+def raised_lines(exc: BaseException) -> list[str]:
+    """The ``Type: message`` lines of a (remote) traceback's text, Ray Data's wrapper left out."""
     lines = [line.strip() for line in str(exc).splitlines()]
-    raised = [line for line in lines if _EXCEPTION_LINE.match(line) and "UserCodeException" not in line]
-    return raised[-1] if raised else f"{type(cause).__name__}: {cause}"
+    return [line for line in lines if _EXCEPTION_LINE.match(line) and "UserCodeException" not in line]
+
+
+# Our own errors, raised with a message that names what failed; a Ray task that raised one
+# keeps only its name (in the remote traceback's text), not the exception.
+OUR_ERRORS = ("DataError", "UserFunctionError", "MissingInputError")
+
+
+def failure_kind(exc: BaseException) -> tuple[bool, bool]:
+    """(data error: no retry helps, missing input) for a stage's failure, also when only the
+    remote traceback's text tells the exception's type."""
+    data, missing = is_data_error(exc), is_missing_input(exc)
+    if not (data or missing):
+        lines = raised_lines(exc)
+        last = lines[-1].partition(":")[0].rsplit(".", 1)[-1] if lines else ""
+        data = last in ("DataError", "UserFunctionError", *ARROW_DATA_ERRORS)
+        missing = last == "MissingInputError"
+    return data, missing
 
 
 def describe_failure(exc: BaseException) -> dict[str, Any]:
     """What the stage service reports of a failed stage: the cause, whether it is a data error
     (no retry helps), and the remote traceback for the task log."""
-    return {
-        "message": root_cause(exc),
-        "data_error": is_data_error(exc),
-        "missing_input": is_missing_input(exc),
-        "detail": str(exc)[-20_000:],
-    }
+    data, missing = failure_kind(exc)
+    return {"message": root_cause(exc), "data_error": data, "missing_input": missing, "detail": str(exc)[-20_000:]}

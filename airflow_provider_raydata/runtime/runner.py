@@ -20,11 +20,12 @@ from ray.data.context import DataContext, ShuffleStrategy
 
 from ..contracts import DataError, DatasetRef, Metrics, StageResult, StageSpec
 from . import refs
+from .errors import root_cause
 from .lake import write_lake
 from .output import write_output
 from .quality import run_quality
 from .retention import clean_staging
-from .sources import read_ref, read_source
+from .sources import read_ref, read_source, unreadable_file
 from .transforms import apply_steps, apply_steps_here, steps_schema
 from .tuning import DEFAULT_TUNING
 
@@ -71,8 +72,15 @@ def _cleanup(spec: StageSpec, settings: dict) -> StageResult:
 
 
 def _extract(spec: StageSpec, settings: dict) -> StageResult:
-    ds, schema = read_source(spec.source, spec.storage)
-    ref = write_output(ds, spec, settings["min_rows_per_file"], schema=schema)
+    try:
+        ds, schema = read_source(spec.source, spec.storage)
+        ref = write_output(ds, spec, settings["min_rows_per_file"], schema=schema)
+    except Exception as exc:
+        if root_cause(exc).startswith(("ArrowInvalid", "ArrowTypeError")) and (
+            bad := unreadable_file(spec.source, spec.storage)
+        ):
+            raise DataError(f"Cannot parse {bad}") from exc  # the file, which Ray Data's error does not name
+        raise
     return StageResult(spec.stage, Metrics(None, ref.num_rows, 0.0), ref=ref)
 
 

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray.data
+from ray.data.datasource import Partitioning
 
 from ..contracts import DataError, DatasetRef, IncrementalWindow, Source
 from . import refs
@@ -38,12 +39,13 @@ def read_source(source: Source, storage: dict | None) -> tuple[ray.data.Dataset,
     ``cast`` spec), so that zero rows still carry it; None when nothing declares one."""
     ds, declared = READERS[source.kind](source, storage)
     columns = list(source.columns) if source.columns else None
-    shape = {"casts": source.cast, "row_filter": source.filter, "columns": columns}
+    casts = {**source.partition_columns, **source.cast}
+    shape = {"casts": casts, "row_filter": source.filter, "columns": columns}
     if source.window and not (source.kind == "postgres" or source.window.partitioned):
         shape["window"] = source.window  # PostgreSQL applies it in its query; partitions by their paths
-    if declared is None and source.cast:  # e.g. JSON, which has no header: the cast names columns and types
-        names = list(dict.fromkeys([*(columns or []), *source.cast]))
-        declared = pa.schema([(name, arrow_type(source.cast.get(name, "null"))) for name in names])
+    if declared is None and casts:  # e.g. JSON, which has no header: the cast names columns and types
+        names = list(dict.fromkeys([*(columns or []), *casts]))
+        declared = pa.schema([(name, arrow_type(casts.get(name, "null"))) for name in names])
     schema = shape_batch(declared.empty_table(), **shape).schema if declared is not None else None
     if any(shape.values()):
         ds = ds.map_batches(shape_batch, batch_format="pyarrow", batch_size=None, zero_copy_batch=True, fn_kwargs=shape)
@@ -66,20 +68,64 @@ def read_files(source: Source, storage: dict | None) -> tuple[ray.data.Dataset, 
     kwargs: dict[str, Any] = {"filesystem": fs, "partitioning": None}
     if fmt == "parquet":
         needed = list(columns or []) + sorted(columns_in(row_filter) if row_filter else [])
-        schema = check_parquet_files(fs, files or all_files[:1], needed or None)
+        schema = check_parquet_files(fs, files or all_files[:1], needed or None, scheme_of(paths[0]))
         check_columns(needed, schema.names, f"source {paths[0]}")
         if columns:
             kwargs["columns"] = list(dict.fromkeys(needed))
     else:
         schema = csv_header(fs, (files or all_files)[0]) if fmt == "csv" else None
+    if source.partition_columns:
+        kwargs["partitioning"] = Partitioning("hive")  # adds every key of the path as a string column
+        keys = {part.split("=", 1)[0] for path in files for part in path.split("/")[:-1] if "=" in part}
+        check_columns(source.partition_columns, sorted(keys), f"partition_columns of {paths[0]}")
+        if schema is not None:
+            schema = _with_fields(schema, [pa.field(name, pa.string()) for name in sorted(keys)])
     if not files:  # no partition in this window: an empty increment, with the source's schema
         return ray.data.from_arrow((schema or pa.schema([])).empty_table()), schema
-    return reader(files, **kwargs), schema
+    ds = reader(files, **kwargs)
+    unlisted = sorted(keys - set(source.partition_columns)) if source.partition_columns else []
+    return (ds.drop_columns(unlisted) if unlisted else ds), _without(schema, unlisted)
+
+
+def _with_fields(schema: pa.Schema, fields: list[pa.Field]) -> pa.Schema:
+    for added in fields:
+        if added.name not in schema.names:
+            schema = schema.append(added)
+    return schema
+
+
+def _without(schema: pa.Schema | None, names: list[str]) -> pa.Schema | None:
+    if schema is None:
+        return None
+    return pa.schema([f for f in schema if f.name not in names])
 
 
 def scheme_of(uri: str) -> str:
     """``s3://`` of ``s3://bucket/key`` (``""`` for a local path): the part a filesystem path lacks."""
     return uri[: uri.index("://") + 3] if "://" in uri else ""
+
+
+def unreadable_file(source: Source, storage: dict | None) -> str | None:
+    """After a CSV or JSON read failed on the data: ``uri: the parser's error`` of the first file
+    that does not parse (the error Ray Data reports names no file), or None."""
+    import pyarrow.csv as pacsv
+    import pyarrow.json as pajson
+
+    fmt = source.format or _infer_format(source.paths[0])
+    if source.kind != "files" or fmt not in ("csv", "json"):
+        return None
+    fs, _ = filesystem_for(source.paths[0], storage)
+    for uri in source.paths:
+        for path in expand(fs, filesystem_for(uri, storage)[1], FORMATS[fmt][1])[:1000]:
+            try:
+                with fs.open_input_stream(path, compression="detect") as handle:
+                    if fmt == "csv":
+                        pacsv.open_csv(handle).read_all()
+                    else:
+                        pajson.read_json(handle)
+            except pa.ArrowInvalid as exc:
+                return f"{scheme_of(uri)}{path}: {exc}"
+    return None
 
 
 def csv_header(fs, path: str) -> pa.Schema:
@@ -91,7 +137,7 @@ def csv_header(fs, path: str) -> pa.Schema:
         return pacsv.open_csv(handle).schema
 
 
-def check_parquet_files(fs, files: list[str], columns: list[str] | None) -> pa.Schema:
+def check_parquet_files(fs, files: list[str], columns: list[str] | None, scheme: str = "") -> pa.Schema:
     """Read every file's footer (in parallel) before any row: a corrupt or truncated file, or a
     file whose columns differ from the first one's (schema drift), is named instead of failing
     somewhere inside Ray Data. ``columns``: only these must agree (others may come and go)."""
@@ -101,9 +147,9 @@ def check_parquet_files(fs, files: list[str], columns: list[str] | None) -> pa.S
             with fs.open_input_file(path) as handle:
                 return pq.read_schema(handle)
         except pa.ArrowInvalid as exc:
-            raise DataError(f"Corrupt or truncated Parquet file {path}: {exc}") from None
+            raise DataError(f"Corrupt or truncated Parquet file {scheme}{path}: {exc}") from None
         except OSError as exc:  # a failed read (or a footer pyarrow cannot decode): retried
-            raise OSError(f"Cannot read the Parquet footer of {path}: {exc}") from exc
+            raise OSError(f"Cannot read the Parquet footer of {scheme}{path}: {exc}") from exc
 
     with ThreadPoolExecutor(max_workers=16) as pool:
         schemas = list(pool.map(schema_of, files))
@@ -112,15 +158,17 @@ def check_parquet_files(fs, files: list[str], columns: list[str] | None) -> pa.S
     for path, schema in zip(files[1:], schemas[1:], strict=True):
         for name in compared:
             if name not in schema.names:
-                raise DataError(f"Schema drift: {path} has no column {name!r} (unlike {files[0]})")
+                raise DataError(f"Schema drift: {scheme}{path} has no column {name!r} (unlike {scheme}{files[0]})")
             if name in first.names and schema.field(name).type != first.field(name).type:
                 raise DataError(
-                    f"Schema drift: column {name!r} is {schema.field(name).type} in {path} "
-                    f"but {first.field(name).type} in {files[0]}"
+                    f"Schema drift: column {name!r} is {schema.field(name).type} in {scheme}{path} "
+                    f"but {first.field(name).type} in {scheme}{files[0]}"
                 )
         if columns is None and set(schema.names) - set(first.names):
             extra = sorted(set(schema.names) - set(first.names))
-            raise DataError(f"Schema drift: {path} has extra column(s) {', '.join(extra)} (unlike {files[0]})")
+            raise DataError(
+                f"Schema drift: {scheme}{path} has extra column(s) {', '.join(extra)} (unlike {scheme}{files[0]})"
+            )
     return first
 
 

@@ -161,7 +161,7 @@ def _map_batches(ds, step, columns, label, storage, rows_hint=None):
     fn = resolve_callable(step["fn"])
     if isinstance(fn, type) and "concurrency" not in options:
         options["concurrency"] = 1  # a callable class runs in actors and needs a pool size
-    label = f"{label} {getattr(fn, '__name__', '')}".rstrip()
+    label = f"step {label.split()[1]} (map_batches {getattr(fn, '__name__', fn)})"
     fn = typed_batches(fn, step.get("batch_format") or "pandas", step.get("output_schema"), label)
     if stage_log.forward_prints_to is not None:
         fn = stage_log.forwarding_prints(fn, *stage_log.forward_prints_to)
@@ -289,6 +289,11 @@ def broadcast_join_batch_rows(rows_hint: int | None) -> int | None:
 
 def broadcast_join(table: pa.Table, right, on, right_on, how, suffix) -> pa.Table:
     right_table = right if isinstance(right, pa.Table) else ray.get(right)
+    for left_key, right_key in zip(on, right_on, strict=True):  # e.g. string against large_string
+        kind = table.schema.field(left_key).type
+        if right_table.schema.field(right_key).type != kind:
+            index = right_table.schema.get_field_index(right_key)
+            right_table = right_table.set_column(index, right_key, right_table[right_key].cast(kind))
     return table.join(right_table, keys=on, right_keys=right_on, join_type=how, right_suffix=suffix, coalesce_keys=True)
 
 

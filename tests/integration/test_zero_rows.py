@@ -19,7 +19,6 @@ from airflow_provider_raydata.operators import (
     RayDataQualityOperator,
     RayDataTransformOperator,
 )
-from tests.conftest import SERVICE_TOKEN
 from tests.helpers import run_operator
 
 pytestmark = pytest.mark.integration
@@ -37,14 +36,9 @@ DECLARED = {"id": "int64", "surcharge": "decimal128(38, 10)", "passengers": "int
 
 
 @pytest.fixture(scope="module")
-def service(ray_head, stage_service):
-    """``raydata_default`` is the stage service for this module (the ray:// transport: see the
-    policies test, which runs on both)."""
-    conn = {"conn_type": "raydata", "host": stage_service, "password": SERVICE_TOKEN}
-    conn["extra"] = {"dashboard_url": ray_head.dashboard_url}
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("AIRFLOW_CONN_RAYDATA_DEFAULT", json.dumps(conn))
-        yield conn
+def service(service_for_module):
+    """The stage service for this module (the ray:// transport: the policies test runs on both)."""
+    return service_for_module
 
 
 @pytest.fixture(scope="module")

@@ -52,6 +52,23 @@ def connect(params: dict[str, Any]):
     return psycopg.connect(**params)
 
 
+def explained(exc: BaseException, target: str) -> BaseException:
+    """A PostgreSQL error about the data (SQLSTATE class 22/23/42) as a ``DataError`` that keeps
+    the server's detail (the column, its precision, the row of the COPY): psycopg's errors lose
+    their SQLSTATE on their way out of a Ray task, and with it the fact that no retry helps."""
+    from psycopg import Error
+
+    sqlstate = getattr(exc, "sqlstate", None)
+    if not isinstance(exc, Error) or not sqlstate or sqlstate[:2] not in ("22", "23", "42"):
+        return exc
+    diag = exc.diag
+    parts = [diag.message_detail, diag.message_hint, diag.context and diag.context.strip()]
+    detail = "; ".join(p for p in parts if p)
+    return DataError(
+        f"Loading {target} failed: {type(exc).__name__}: {diag.message_primary}" + (f" ({detail})" if detail else "")
+    )
+
+
 def pg_type(field: pa.Field) -> str:
     t = field.type
     if pa.types.is_dictionary(t):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ...contracts import Destination, LoadResult
-from .common import connect, drop_staging_tables
+from .common import connect, drop_staging_tables, explained
 from .publish import publish
 from .staging import copy_to_staging
 
@@ -35,7 +35,7 @@ def load_held(
         # PostgreSQL itself ends the transaction if no commit comes (held locks stay bounded).
         conn.execute(f"SET LOCAL idle_in_transaction_session_timeout = '{IDLE_IN_TRANSACTION_SECONDS}s'")
         result = publish(conn, plan, storage)
-    except BaseException:
+    except BaseException as exc:
         conn.close()
         if plan and plan.staging_table:  # the rolled-back load's staged rows
             try:
@@ -43,7 +43,10 @@ def load_held(
                     drop_staging_tables(cur, plan.schema, load_id)
             except Exception:  # noqa: S110 - the retry drops them; the load's own error matters
                 pass
-        raise
+        error = explained(exc, destination.table if isinstance(destination.table, str) else str(destination.table))
+        if error is exc:
+            raise
+        raise error from exc
 
     def commit(commit: bool) -> None:
         try:

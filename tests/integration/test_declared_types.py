@@ -1,0 +1,144 @@
+"""Declared types survive batch functions: whatever pandas infers from one batch's values, a column
+keeps its type, and a table a load creates takes the declared types (real Ray head, PostgreSQL)."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+from airflow.sdk.exceptions import AirflowFailException
+
+from airflow_provider_raydata.operators import RayDataExtractOperator, RayDataLoadOperator, RayDataTransformOperator
+from tests.helpers import run_operator
+
+pytestmark = pytest.mark.integration
+
+FARES = pa.schema(
+    [
+        ("id", pa.int64()),
+        ("surcharge", pa.decimal128(38, 10)),
+        ("passengers", pa.int64()),
+        ("pickup", pa.timestamp("us", tz="America/New_York")),
+        ("zone", pa.string()),
+    ]
+)
+
+
+def fares(day: int, surcharges: list[str]) -> pa.Table:
+    n = len(surcharges)
+    return pa.table(
+        {
+            "id": list(range(day * 100, day * 100 + n)),
+            "surcharge": [Decimal(s) for s in surcharges],
+            "passengers": [None if i % 2 else i for i in range(n)],  # an integer column with nulls
+            "pickup": [pd.Timestamp(f"2024-01-0{day}T08:00", tz="America/New_York")] * n,
+            "zone": [f"z{i}" for i in range(n)],
+        },
+        schema=FARES,
+    )
+
+
+def as_ref(table: pa.Table, path) -> dict:
+    """``table`` extracted (a committed dataset reference)."""
+    path.mkdir(parents=True)
+    pq.write_table(table, path / "part-0.parquet")
+    return run_operator(RayDataExtractOperator(task_id="in", source=str(path), staging_uri=str(path / "_staging")))[0]
+
+
+def with_minutes_pandas(batch: pd.DataFrame) -> pd.DataFrame:
+    batch["minutes"] = batch["id"] * 2
+    return batch
+
+
+def with_minutes_pyarrow(table: pa.Table) -> pa.Table:
+    return table.append_column("minutes", pc.multiply(table["id"], 2))
+
+
+def with_minutes_numpy(batch: dict) -> dict:
+    batch["minutes"] = batch["id"] * 2
+    return batch
+
+
+FUNCTIONS = {"pandas": with_minutes_pandas, "pyarrow": with_minutes_pyarrow, "numpy": with_minutes_numpy}
+
+
+def transform(staging, ref, fn, batch_format="pandas", **kwargs) -> dict:
+    operator = RayDataTransformOperator(
+        task_id="transform", input=ref, fn=fn, batch_format=batch_format, staging_uri=str(staging), **kwargs
+    )
+    return run_operator(operator)[0]
+
+
+@pytest.mark.parametrize("batch_format", ["pandas", "pyarrow", "numpy"])
+def test_a_function_that_adds_a_column_leaves_the_others_as_declared(service_for_module, tmp_path, batch_format):
+    table = fares(1, ["1.5", "0.25", "3"])
+    out = transform(tmp_path / "staging", as_ref(table, tmp_path / "in"), FUNCTIONS[batch_format], batch_format)
+    written = pq.read_table(out["uri"])
+    assert written.schema.remove_metadata() == FARES.append(pa.field("minutes", pa.int64()))
+    assert written.drop_columns(["minutes"]).to_pylist() == table.to_pylist()  # nulls stay nulls, not NaN
+    assert written["passengers"].null_count == 1
+
+
+def retype_ids(batch: pd.DataFrame) -> pd.DataFrame:
+    batch["id"] = "F-" + batch["id"].astype(str)
+    return batch
+
+
+def test_a_function_that_changes_a_type_says_so_or_fails_naming_the_column(service_for_module, tmp_path):
+    ref = as_ref(fares(1, ["1.5"]), tmp_path / "in")
+    with pytest.raises(AirflowFailException, match=r"column 'id' was int64, .*output_schema=\{'id': "):
+        transform(tmp_path / "a", ref, retype_ids)
+    out = transform(tmp_path / "b", ref, retype_ids, output_schema={"id": "string"})
+    assert out["schema"]["id"] == "string"
+    assert pq.read_table(out["uri"])["id"].to_pylist() == ["F-100"]
+
+
+def test_a_later_day_with_larger_decimals_upserts_into_the_table_the_first_day_created(
+    service_for_module, pg, tmp_path
+):
+    destination = {"kind": "postgres", "postgres_conn_id": pg.conn_id, "table": "public.fares"}
+    for day, surcharges in [(1, ["1.5", "0.25"]), (2, ["12345.5", "0.0000000001"])]:
+        cleaned = transform(
+            tmp_path / f"t{day}", as_ref(fares(day, surcharges), tmp_path / f"in{day}"), with_minutes_pandas
+        )
+        load = RayDataLoadOperator(task_id="load", input=cleaned, destination=destination, mode="upsert", keys=["id"])
+        run_operator(load, run_id=f"scheduled__2024-01-0{day}T00:00:00+00:00")
+    columns = pg.conn.execute(
+        "SELECT column_name, data_type, numeric_precision, numeric_scale FROM information_schema.columns "
+        "WHERE table_name = 'fares' ORDER BY ordinal_position"
+    ).fetchall()
+    assert columns[:3] == [("id", "bigint", 64, 0), ("surcharge", "numeric", 38, 10), ("passengers", "bigint", 64, 0)]
+    assert columns[3][1] == "timestamp with time zone"
+    rows = pg.conn.execute("SELECT id, surcharge, passengers FROM public.fares ORDER BY id").fetchall()
+    assert rows == [
+        (100, Decimal("1.5"), 0),
+        (101, Decimal("0.25"), None),
+        (200, Decimal("12345.5"), 0),
+        (201, Decimal("0.0000000001"), None),
+    ]
+
+
+def test_hive_folders_add_columns_only_when_asked_and_typed(service_for_module, tmp_path):
+    for day in ("2024-03-10", "2024-03-11"):
+        (tmp_path / "in" / f"day={day}").mkdir(parents=True)
+        pq.write_table(pa.table({"id": [1, 2]}), tmp_path / "in" / f"day={day}" / "part-0.parquet")
+
+    def extract(**kwargs):
+        operator = RayDataExtractOperator(
+            task_id="x", source=str(tmp_path / "in"), staging_uri=str(tmp_path / "s"), **kwargs
+        )
+        return run_operator(operator)[0]
+
+    assert extract()["schema"] == {"id": "int64"}  # no surprise column
+    ref = extract(partition_columns={"day": "date32"})
+    assert ref["schema"] == {"id": "int64", "day": "date32[day]"}
+    days = sorted(str(d) for d in pq.read_table(ref["uri"])["day"].to_pylist())
+    assert days == ["2024-03-10", "2024-03-10", "2024-03-11", "2024-03-11"]
+    with pytest.raises(
+        AirflowFailException, match=r"Unknown column 'dt' in partition_columns of .*; available columns: day"
+    ):
+        extract(partition_columns={"dt": "date32"})
