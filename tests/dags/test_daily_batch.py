@@ -130,3 +130,36 @@ def test_daily_dag_end_to_end_on_ray_and_rerun_without_duplicates(
     assert [p.name for p in (lake / "daily_revenue").iterdir() if not p.name.startswith("_")] == [
         "o_orderdate=2024-01-02"
     ]
+
+
+def test_a_quiet_day_and_a_missing_day_skip_the_run_with_the_reason_and_change_nothing(
+    monkeypatch, airflow_db, ray_head, sample_data, tmp_path, pg
+):
+    import shutil
+
+    source, lake = tmp_path / "source", tmp_path / "lake"
+    for table in ("customer", "nation"):
+        shutil.copytree(sample_data / table, source / table)
+    # 2024-01-05: a header-only orders file and an empty lineitem file; 2024-01-06: no files at all.
+    (source / "orders" / "2024-01-05").mkdir(parents=True)
+    header = (sample_data / "orders" / "2024-01-02" / "orders.csv").read_text().splitlines()[0]
+    (source / "orders" / "2024-01-05" / "orders.csv").write_text(header + "\n")
+    (source / "lineitem" / "2024-01-05").mkdir(parents=True)
+    lines = pq.read_schema(next((sample_data / "lineitem" / "2024-01-02").glob("*.parquet")))
+    pq.write_table(lines.empty_table(), source / "lineitem" / "2024-01-05" / "part-0.parquet")
+    conn = ray_head.connection(staging_uri=str(tmp_path / "staging"))
+    monkeypatch.setenv("AIRFLOW_CONN_RAYDATA_DEFAULT", json.dumps(conn))
+    monkeypatch.setenv("RAYDATA_POSTGRES_CONN_ID", pg.conn_id)
+    pg.conn.execute("CREATE TABLE daily_revenue (o_orderdate date, revenue double precision)")
+    pg.conn.execute("INSERT INTO daily_revenue VALUES ('2024-01-04', 1.0)")
+    dag = load_dag(monkeypatch, source, lake)
+    for day in ("2024-01-05", "2024-01-06"):
+        run = dag.test(logical_date=None, run_conf={"date": day})
+        assert run.state == "success", day
+        states = {ti.task_id: ti.state for ti in run.get_task_instances()}
+        assert states["extract_orders"] == states["extract_lineitem"] == "skipped", states
+        assert {states[t] for t in ("clean_lineitem", "daily_revenue", "quality", "load", "load_warehouse")} == {
+            "skipped"
+        }
+    assert not lake.exists() or not list(lake.rglob("*.parquet"))
+    assert pg.conn.execute("SELECT * FROM daily_revenue").fetchall() == [(datetime(2024, 1, 4).date(), 1.0)]

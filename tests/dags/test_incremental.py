@@ -91,6 +91,15 @@ def test_daily_runs_upsert_only_the_changes_and_keep_the_latest_version(
     assert rerun.state == "success"
     assert_targets_hold(pg, tmp_path / "lake", days[:3])
 
+    # A quiet day: no order changed and no payments partition landed. Both extracts commit zero
+    # rows with their columns, the upserts change nothing, and the run succeeds.
+    quiet = dag.test(logical_date=datetime(days[2].day.year, days[2].day.month, days[2].day.day + 2, tzinfo=UTC))
+    assert quiet.state == "success"
+    for entity in ("orders", "payments"):
+        ref = xcom(quiet, f"extract_{entity}")
+        assert ref["num_rows"] == 0 and "updated_at" in ref["schema"], ref
+    assert_targets_hold(pg, tmp_path / "lake", days[:3])
+
     # A manual run without a logical date has no data interval: it catches up from the watermark.
     incremental_data.apply_orders(pg.conn, days[3])
     incremental_data.write_payments(tmp_path / "landing", days[3])
