@@ -15,6 +15,8 @@ def format_report(report: dict[str, Any]) -> str:
     rows = [("check", "value", "expected", "policy", "result")]
     for c in report["checks"]:
         value = f"{c['value']:.6g}" if isinstance(c["value"], float) else str(c["value"])
+        if c.get("note"):
+            value = c["note"] if c["value"] is None else f"{value} ({c['note']})"
         if c.get("failed_rows"):
             value += f" ({c['failed_rows']} of {c['evaluated_rows']} rows failed)"
         result = "PASS" if c["passed"] else ("FAIL" if c.get("policy", "fail") == "fail" else "WARN")

@@ -272,3 +272,31 @@ def test_every_check_kind_declares_all_it_needs():
         if kind.level == ROW:
             assert isinstance(kind.rule(planted[name]), str) and kind.rule(planted[name]), name
             assert not kind.on_values or "column" in kind.required, f"{name}: values of which column?"
+
+
+def test_on_zero_rows_the_counts_decide_and_value_checks_report_no_rows():
+    table = quality_data.planted_table().filter(pa.compute.field("row") > 100_000)  # a quiet day
+    checks = [
+        {"check": "row_count", "geq_to": 1},
+        {"check": "distinct_count", "column": "id", "geq_to": 1},
+        {"check": "mean", "column": "price", "geq_to": 1},
+        {"check": "max", "column": "price", "leq_to": 10},
+        {"check": "freshness", "column": "updated_at", "leq_to": "2d", "as_of": quality_data.AS_OF},
+        {"check": "unique", "column": "id"},
+        {"check": "accepted_values", "column": "kind", "values": ["a"]},
+    ]
+    report, _ = run_locally(table, checks)
+    judged = {c["name"]: (c["passed"], c.get("note")) for c in report["checks"]}
+    assert judged == {
+        "row_count": (False, None),  # counts are 0 and their bounds decide
+        "distinct_count(id)": (False, None),
+        "mean(price)": (True, "no rows"),  # nothing to measure: reported, not failed
+        "max(price)": (True, "no rows"),
+        "freshness(updated_at)": (True, "no rows"),
+        "unique(id)": (True, None),  # no row breaks them
+        "accepted_values(kind)": (True, None),
+    }
+    # All nulls is not a quiet day: a mean of nothing still fails there.
+    nulls = quality_data.planted_table().slice(5, 1).set_column(3, "price", pa.array([None], pa.float64()))
+    report, _ = run_locally(nulls, [{"check": "mean", "column": "price", "geq_to": 1}], cuts=())
+    assert not report["passed"]
