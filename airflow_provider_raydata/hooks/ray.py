@@ -369,7 +369,7 @@ class RayHook(BaseHook):
                 drop_client_session()
                 raise AirflowException(f"Stage did not finish within {timeout}s on {self.settings.label}") from None
             except RayTaskError as exc:
-                self.log.error("Stage failed on %s:\n%s", self.settings.label, exc)
+                self.log.debug("Stage failed on %s:\n%s", self.settings.label, exc)  # the remote traceback
                 raise failure(exc)(f"Stage failed on {self.settings.label}: {root_cause(exc)}") from None
             except (RayError, ConnectionError, grpc.RpcError) as exc:
                 drop_client_session()  # a dropped connection: the next stage starts a new session

@@ -109,7 +109,7 @@ def stage_outcome(view: dict[str, Any], label: str) -> StageResult:
         return decode_result(view["result"])
     if state == "failed":
         error = view.get("error") or {}
-        log.error("Stage failed on %s:\n%s", label, error.get("detail") or error.get("message"))
+        log.debug("Stage failed on %s:\n%s", label, error.get("detail") or error.get("message"))  # the traceback
         failure = AirflowFailException if error.get("data_error") else AirflowException
         raise (MissingInput if error.get("missing_input") else failure)(
             f"Stage failed on {label}: {error.get('message')}"

@@ -43,6 +43,7 @@ class StageProcess:
 
     def run(self, spec: StageSpec) -> StageResult:
         from . import counters, stage_log
+        from .errors import root_cause
         from .runner import run_stage
         from .stage_log import log
 
@@ -55,7 +56,7 @@ class StageProcess:
             log.info("%s stage %s finished in %.2fs", spec.stage, spec.name, result.metrics.seconds)
             return result
         except BaseException as exc:
-            log.error("%s stage %s failed: %s: %s", spec.stage, spec.name, type(exc).__name__, exc)
+            log.error("%s stage %s failed: %s", spec.stage, spec.name, root_cause(exc))
             raise
         finally:
             self._flush()

@@ -76,7 +76,8 @@ def read_files(source: Source, storage: dict | None) -> tuple[ray.data.Dataset, 
         schema = csv_header(fs, (files or all_files)[0]) if fmt == "csv" else None
     if source.partition_columns:
         kwargs["partitioning"] = Partitioning("hive")  # adds every key of the path as a string column
-        keys = {part.split("=", 1)[0] for path in files for part in path.split("/")[:-1] if "=" in part}
+        kwargs.pop("columns", None)  # the projection runs after the read, with the partition columns
+        keys = {part.split("=", 1)[0] for path in all_files for part in path.split("/")[:-1] if "=" in part}
         check_columns(source.partition_columns, sorted(keys), f"partition_columns of {paths[0]}")
         if schema is not None:
             schema = _with_fields(schema, [pa.field(name, pa.string()) for name in sorted(keys)])

@@ -260,3 +260,42 @@ def test_policies_for_empty_and_missing_inputs(service, ray_head, quiet, tmp_pat
         extract(str(tmp_path), source=missing, on_missing="skip")
     with pytest.raises(AirflowFailException, match=r"Source path not found"):
         extract(str(tmp_path), source=missing, on_missing="fail")
+
+
+def test_overwrite_of_zero_rows_empties_the_target_as_asked(service, pg, no_fares, tmp_path):
+    destination = {"kind": "postgres", "postgres_conn_id": pg.conn_id, "table": "public.fares"}
+    pg.conn.execute(
+        "CREATE TABLE fares (id bigint, surcharge numeric(38, 10), passengers bigint, pickup timestamptz, zone text)"
+    )
+    pg.conn.execute("INSERT INTO fares VALUES (1, 2.5, 1, '2024-01-01T08:00Z', 'a')")
+    run_operator(RayDataLoadOperator(task_id="load", input=no_fares, destination=destination, mode="overwrite"))
+    assert pg.conn.execute("SELECT count(*) FROM fares").fetchone()[0] == 0
+    lake = tmp_path / "lake"
+    (lake / "zone=a").mkdir(parents=True)
+    pq.write_table(FARES.empty_table().drop_columns(["zone"]), lake / "zone=a" / "old.parquet")
+    for mode, options in [("upsert", {"keys": ["id"]}), ("overwrite", {})]:
+        load = RayDataLoadOperator(
+            task_id=f"lake_{mode}", input=no_fares, destination=str(lake), mode=mode, partition_by=["zone"], **options
+        )
+        run_operator(load)
+    assert not list(lake.rglob("*.parquet"))  # overwrite emptied it; the upsert changed nothing before
+
+
+def test_fakesnow_loads_of_zero_rows_change_nothing(service, sf, no_fares):
+    """Snowflake through fakesnow's server (a stand-in: no Snowflake runs here)."""
+    cur = sf.conn.cursor()
+    cur.execute(
+        'CREATE TABLE "fares" ("id" NUMBER(19, 0), "surcharge" NUMBER(38, 10), "passengers" NUMBER(19, 0),'
+        ' "pickup" TIMESTAMP_TZ, "zone" VARCHAR)'
+    )
+    cur.execute("INSERT INTO \"fares\" VALUES (1, 2.5, 1, '2024-01-01 08:00:00+00:00', 'a')")
+    for mode, options in [
+        ("append", {}),
+        ("replace_partition", {"partition_by": ["zone"]}),
+        ("upsert", {"keys": ["id"]}),
+    ]:
+        destination = {"kind": "snowflake", "snowflake_conn_id": sf.conn_id, "table": "fares"}
+        load = RayDataLoadOperator(task_id=f"sf_{mode}", input=no_fares, destination=destination, mode=mode, **options)
+        result = run_operator(load)[0]
+        assert result["rows_written"] == 0, mode
+        assert cur.execute('SELECT "id" FROM "fares"').fetchall() == [(1,)], mode
