@@ -13,6 +13,7 @@ import pytest
 from airflow.sdk.exceptions import AirflowFailException
 
 from airflow_provider_raydata.operators import RayDataExtractOperator, RayDataLoadOperator, RayDataTransformOperator
+from airflow_provider_raydata.runtime.types import arrow_type
 from tests.helpers import run_operator
 
 pytestmark = pytest.mark.integration
@@ -142,3 +143,71 @@ def test_hive_folders_add_columns_only_when_asked_and_typed(service_for_module, 
         AirflowFailException, match=r"Unknown column 'dt' in partition_columns of .*; available columns: day"
     ):
         extract(partition_columns={"dt": "date32"})
+
+
+def trip_minutes(batch: pd.DataFrame) -> pd.DataFrame:
+    batch["minutes"] = (batch["dropoff"] - batch["pickup"]).dt.total_seconds() / 60
+    return batch
+
+
+def test_a_user_pipeline_over_days_with_a_quiet_day_and_larger_decimals(service_for_module, pg, tmp_path):
+    """CSV with declared types -> a pandas function -> a check -> upsert, day by day, as a user's DAG."""
+    days = {
+        "2024-01-01": "id,surcharge,passengers,pickup,dropoff\n1,0.5,2,2024-01-01T08:00Z,2024-01-01T08:30Z\n"
+        "2,1.25,,2024-01-01T09:00Z,2024-01-01T09:10Z\n",
+        "2024-01-02": "id,surcharge,passengers,pickup,dropoff\n",  # a quiet day: the header only
+        "2024-01-03": "id,surcharge,passengers,pickup,dropoff\n3,12345.5,,2024-01-03T08:00Z,2024-01-03T09:00Z\n"
+        "1,0.75,3,2024-01-01T08:00Z,2024-01-01T08:40Z\n",
+    }
+    cast = {
+        "id": "int64",
+        "surcharge": "decimal128(38, 10)",
+        "passengers": "int64",
+        "pickup": "timestamp[us, tz=UTC]",
+        "dropoff": "timestamp[us, tz=UTC]",
+    }
+    destination = {"kind": "postgres", "postgres_conn_id": pg.conn_id, "table": "public.trips"}
+    for day, text in days.items():
+        (tmp_path / day).mkdir()
+        (tmp_path / day / "trips.csv").write_text(text)
+        run_id = f"scheduled__{day}T00:00:00+00:00"
+        staging = str(tmp_path / "staging")
+        extracted = run_operator(
+            RayDataExtractOperator(
+                task_id="extract", source=str(tmp_path / day / "*.csv"), cast=cast, staging_uri=staging
+            ),
+            run_id=run_id,
+        )[0]
+        cleaned = run_operator(
+            RayDataTransformOperator(
+                task_id="clean",
+                input=extracted,
+                fn=trip_minutes,
+                output_schema={"minutes": "float64"},
+                staging_uri=staging,
+            ),
+            run_id=run_id,
+        )[0]
+        assert cleaned["schema"] == {**{k: str(arrow_type(v)) for k, v in cast.items()}, "minutes": "double"}, day
+        run_operator(
+            RayDataLoadOperator(task_id="load", input=cleaned, destination=destination, mode="upsert", keys=["id"]),
+            run_id=run_id,
+        )
+    types = pg.conn.execute(
+        "SELECT column_name, data_type, numeric_precision, numeric_scale FROM information_schema.columns "
+        "WHERE table_name = 'trips' ORDER BY ordinal_position"
+    ).fetchall()
+    assert [t[1:] for t in types] == [
+        ("bigint", 64, 0),
+        ("numeric", 38, 10),
+        ("bigint", 64, 0),
+        ("timestamp with time zone", None, None),
+        ("timestamp with time zone", None, None),
+        ("double precision", 53, None),
+    ]
+    rows = pg.conn.execute("SELECT id, surcharge, passengers, minutes FROM trips ORDER BY id").fetchall()
+    assert rows == [
+        (1, Decimal("0.75"), 3, 40.0),
+        (2, Decimal("1.25"), None, 10.0),
+        (3, Decimal("12345.5"), None, 60.0),
+    ]
