@@ -45,7 +45,7 @@ def as_batch(table: pa.Table, batch_format: str) -> Any:
     return table.to_pandas(types_mapper=_NULLABLE.get)
 
 
-def as_table(batch: Any) -> pa.Table | None:
+def as_table(batch: Any, label: str) -> pa.Table | None:
     """A function's result as an Arrow table (NaN in numpy floats is a null, as pandas has it);
     None for what only Ray Data itself converts (multi-dimensional arrays)."""
     if isinstance(batch, pa.Table):
@@ -57,7 +57,10 @@ def as_table(batch: Any) -> pa.Table | None:
         if any(values.ndim != 1 for values in arrays.values()):
             return None
         return pa.table({name: pa.array(values, from_pandas=True) for name, values in arrays.items()})
-    raise DataError(f"must return a pandas DataFrame, a pyarrow Table or a dict of arrays, not {type(batch).__name__}")
+    kind = type(batch).__name__
+    raise DataError(
+        f"{label}: the function must return a pandas DataFrame, a pyarrow Table or a dict of arrays, not {kind}"
+    )
 
 
 def conform(result: pa.Table, before: pa.Schema, declared: Mapping[str, pa.DataType], label: str) -> pa.Table:
@@ -93,6 +96,11 @@ def _text(kind: pa.DataType) -> bool:
     return pa.types.is_string(kind) or pa.types.is_large_string(kind)
 
 
+def step_label(label: str, fn: Any) -> str:
+    """``step 1 (map_batches net_revenue)`` for ``step 1 (map_batches)``: the function named."""
+    return label.replace("(map_batches)", f"(map_batches {getattr(fn, '__name__', fn)})")
+
+
 def typed_batches(fn: Any, batch_format: str, output_schema: Mapping[str, str] | None, label: str) -> Any:
     """``fn`` (a function or a callable class) as a step that takes pyarrow batches: it gets them
     as ``batch_format`` and its results are conformed (``conform``). Generator functions get the
@@ -100,9 +108,9 @@ def typed_batches(fn: Any, batch_format: str, output_schema: Mapping[str, str] |
     declared = {name: arrow_type(type_name) for name, type_name in (output_schema or {}).items()}
 
     def result_of(batch: Any, before: pa.Schema) -> Any:
-        table = as_table(batch) if batch is not None else None
         if batch is None:
             raise DataError(f"{label}: the function returned None; return the batch")
+        table = as_table(batch, label)
         return batch if table is None else conform(table, before, declared, label)
 
     target = fn.__call__ if isinstance(fn, type) else fn

@@ -25,7 +25,7 @@ from ray.data.aggregate import Count, CountDistinct, Max, Mean, Min, Sum
 
 from ..contracts import DataError, DatasetRef
 from . import refs, stage_log
-from .batches import typed_batches
+from .batches import UserFunctionError, step_label, typed_batches
 from .expressions import compile_expression
 from .sources import read_ref
 from .specs import (
@@ -81,6 +81,11 @@ def apply_steps_here(table: pa.Table, steps: list[dict], storage: dict | None) -
         label = f"step {index} ({step['op']})"
         try:
             table = HERE[step["op"]](table, step, storage, label)
+        except UserFunctionError as exc:
+            raise DataError(
+                f"{exc}: called with an empty batch (the input has no rows) to learn its output columns; "
+                "handle an empty batch, or declare them with output_schema={...}"
+            ) from exc
         except DataError:
             raise
         except Exception as exc:
@@ -99,16 +104,16 @@ def steps_schema(schema: pa.Schema, steps: list[dict], storage: dict | None) -> 
 
 def _map_batches_here(table: pa.Table, step: dict, storage: dict | None, label: str) -> pa.Table:
     fn = resolve_callable(step["fn"])
-    typed = typed_batches(fn, step.get("batch_format") or "pandas", step.get("output_schema"), label)
+    typed = typed_batches(fn, step.get("batch_format") or "pandas", step.get("output_schema"), step_label(label, fn))
     result = (typed() if isinstance(fn, type) else typed)(table, **(step.get("fn_kwargs") or {}))
     if inspect.isgenerator(result):
         batches = [batch for batch in result if isinstance(batch, pa.Table)]
-        result = pa.concat_tables(batches) if batches else typed_batches_schema(table, step)
+        result = pa.concat_tables(batches) if batches else _nothing_yielded(table, step)
     return result
 
 
-def typed_batches_schema(table: pa.Table, step: dict) -> pa.Table:
-    """A generator that yields nothing for no rows: its declared columns, else its input's."""
+def _nothing_yielded(table: pa.Table, step: dict) -> pa.Table:
+    """A generator's result when it yields nothing for no rows: its declared columns, else its input's."""
     declared = step.get("output_schema")
     if declared:
         return pa.schema([(name, arrow_type(kind)) for name, kind in declared.items()]).empty_table()
@@ -161,8 +166,7 @@ def _map_batches(ds, step, columns, label, storage, rows_hint=None):
     fn = resolve_callable(step["fn"])
     if isinstance(fn, type) and "concurrency" not in options:
         options["concurrency"] = 1  # a callable class runs in actors and needs a pool size
-    label = f"step {label.split()[1]} (map_batches {getattr(fn, '__name__', fn)})"
-    fn = typed_batches(fn, step.get("batch_format") or "pandas", step.get("output_schema"), label)
+    fn = typed_batches(fn, step.get("batch_format") or "pandas", step.get("output_schema"), step_label(label, fn))
     if stage_log.forward_prints_to is not None:
         fn = stage_log.forwarding_prints(fn, *stage_log.forward_prints_to)
     ds = ds.map_batches(fn, batch_format="pyarrow", fn_kwargs=step.get("fn_kwargs"), **options)

@@ -56,3 +56,30 @@ def test_extract_transform_load_on_s3(monkeypatch, ray_head, s3_server):
     assert sorted(loaded["day"].astype(str).unique()) == ["2024-01-01", "2024-01-02"]
     keys = [o["Key"] for o in client.list_objects_v2(Bucket="lake", Prefix="out/")["Contents"]]
     assert not any("_staging" in k and k.endswith(".parquet") for k in keys)  # staged files were moved
+
+
+def test_errors_about_s3_inputs_name_the_full_uri(monkeypatch, ray_head, s3_server):
+    from airflow.sdk.exceptions import AirflowException, AirflowFailException
+
+    conn = ray_head.connection(staging_uri="s3://lake/staging", storage_options=s3_server["options"])
+    monkeypatch.setenv("AIRFLOW_CONN_RAYDATA_DEFAULT", json.dumps(conn))
+    client = s3_server["client"]
+    client.put_object(Bucket="lake", Key="bad/2024-01-01/ragged.csv", Body=b"id,price\n1,2.5\n2,3.5,oops\n")
+    client.put_object(Bucket="lake", Key="bad/2024-01-01/broken.parquet", Body=b"PAR1 not really parquet")
+    cases = [
+        ("s3://lake/bad/2024-01-09/*.csv", AirflowException, "Source path not found: s3://lake/bad/2024-01-09"),
+        (
+            "s3://lake/bad/2024-01-01/ragged.csv",
+            AirflowFailException,
+            "Cannot parse s3://lake/bad/2024-01-01/ragged.csv: ",
+        ),
+        (
+            "s3://lake/bad/2024-01-01/broken.parquet",
+            AirflowFailException,
+            "Corrupt or truncated Parquet file s3://lake/bad/2024-01-01/broken.parquet: ",
+        ),
+    ]
+    for source, kind, message in cases:
+        with pytest.raises(kind) as failed:
+            run_operator(RayDataExtractOperator(task_id="extract", source=source))
+        assert message in str(failed.value), str(failed.value)
