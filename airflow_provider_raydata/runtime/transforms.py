@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import math
@@ -69,6 +70,10 @@ def apply_steps(
     columns: list[str] | None = schema.names if schema is not None else None  # unknown after map_batches
     for index, step in enumerate(steps, 1):
         label = f"step {index} ({step['op']})"
+        if step["op"] == "aggregate" and schema is not None:  # what it aggregates, should no row reach it
+            earlier = functools.partial(steps_schema, schema.base_schema, steps[: index - 1], storage)
+            ds, columns = _aggregate(ds, step, columns, label, storage, rows_hint, schema_before=earlier)
+            continue
         ds, columns = APPLY[step["op"]](ds, step, columns, label, storage, rows_hint)
     return ds
 
@@ -301,7 +306,7 @@ def broadcast_join(table: pa.Table, right, on, right_on, how, suffix) -> pa.Tabl
     return table.join(right_table, keys=on, right_keys=right_on, join_type=how, right_suffix=suffix, coalesce_keys=True)
 
 
-def _aggregate(ds, step, columns, label, storage, rows_hint=None):
+def _aggregate(ds, step, columns, label, storage, rows_hint=None, schema_before=None):
     by = list(step.get("by") or [])
     aggs = []
     for name, spec in step["aggs"].items():
@@ -316,6 +321,8 @@ def _aggregate(ds, step, columns, label, storage, rows_hint=None):
     # keys with so many groups that the partials would not fit one process.
     partial_refs = _arrow_map(ds, partial_aggregate, by=by, aggs=aggs).materialize().to_arrow_refs()
     partials = pa.concat_tables(ray.get(partial_refs)) if partial_refs else None
+    if (partials is None or not partials.num_rows) and schema_before is not None:  # no row reached it
+        return ray.data.from_arrow(_aggregate_here(schema_before().empty_table(), step, storage, label)), out_columns
     if partials is not None and partials.num_rows <= LOCAL_MERGE_MAX_ROWS:
         return ray.data.from_arrow(merge_partials(partials, by, aggs)), out_columns
     ray_aggs = [AGGREGATES[fn](*([column] if column else []), alias_name=name) for name, fn, column in aggs]
@@ -371,7 +378,16 @@ def merge_partials(partials: pa.Table, by: list[str], aggs: list[tuple]) -> pa.T
     result = pd.DataFrame(merged).reset_index()
     if not by:
         result = result.drop(columns="__all__")
-    return pa.Table.from_pandas(result, preserve_index=False)
+    # pandas infers types from the values (a decimal sum's precision from one day's numbers):
+    # keys, sums, mins and maxes keep the types pyarrow gave the partials.
+    kept = {key: partials.schema.field(key).type for key in by}
+    kept.update(
+        {name: partials.schema.field(f"{name}#{fn}").type for name, fn, _ in aggs if fn in ("sum", "min", "max")}
+    )
+    table = pa.Table.from_pandas(result, preserve_index=False)
+    return cast_columns(
+        table, {name: str(kind) for name, kind in kept.items() if table.schema.field(name).type != kind}
+    )
 
 
 def _arrow_map(ds: ray.data.Dataset, fn: Callable, **kwargs) -> ray.data.Dataset:

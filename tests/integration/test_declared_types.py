@@ -211,3 +211,26 @@ def test_a_user_pipeline_over_days_with_a_quiet_day_and_larger_decimals(service_
         (2, Decimal("1.25"), None, 10.0),
         (3, Decimal("12345.5"), None, 60.0),
     ]
+
+
+def test_an_aggregate_keeps_the_types_of_keys_sums_and_extremes(service_for_module, tmp_path):
+    ref = as_ref(fares(1, ["1.5", "0.25", "3"]), tmp_path / "in")
+    operator = RayDataTransformOperator(
+        task_id="totals",
+        input=ref,
+        staging_uri=str(tmp_path / "staging"),
+        steps=[
+            {
+                "op": "aggregate",
+                "by": ["zone"],
+                "aggs": {"surcharge": ["sum", "surcharge"], "first": ["min", "pickup"], "trips": ["count"]},
+            }
+        ],
+    )
+    out = run_operator(operator)[0]
+    assert out["schema"] == {
+        "zone": "string",
+        "surcharge": "decimal128(38, 10)",  # not the precision pandas infers from these values
+        "first": "timestamp[us, tz=America/New_York]",
+        "trips": "int64",
+    }

@@ -140,6 +140,25 @@ def test_steps_on_zero_rows_give_zero_rows_with_the_output_columns(service, no_f
     )
     ref, _ = run_operator(total)
     assert pq.read_table(ref["uri"]).to_pylist() == [{"fares": 0, "surcharge": None}]
+    # The same when the rows vanish on the way (a filter keeps none of them).
+    some = tmp_path / "some.parquet"
+    pq.write_table(
+        pa.table({"id": [1, 2], "surcharge": [Decimal("1.5"), Decimal("2")]}, FARES.remove(4).remove(3).remove(2)), some
+    )
+    ref = extract(str(tmp_path / "some"), source=str(some))
+    for by, expected in (([], [{"fares": 0, "surcharge": None}]), (["id"], [])):
+        vanishing = RayDataTransformOperator(
+            task_id="vanishing",
+            input=ref,
+            staging_uri=str(tmp_path / "staging"),
+            steps=[
+                {"op": "filter", "expr": "id > 10"},
+                {"op": "aggregate", "by": by, "aggs": {"fares": ["count"], "surcharge": ["sum", "surcharge"]}},
+            ],
+        )
+        out = run_operator(vanishing)[0]
+        assert pq.read_table(out["uri"]).to_pylist() == expected, by
+        assert list(out["schema"]) == [*by, "fares", "surcharge"] and out["schema"]["surcharge"] == "decimal128(38, 10)"
 
 
 def _zones(tmp_path):
