@@ -362,8 +362,9 @@ class RayDataExtractOperator(RayDataBaseOperator):
         self.filter = filter
         self.cast = cast
         self.incremental = incremental
-        if cast:
-            validate_steps([{"op": "cast", "columns": cast}])
+        for types in (cast, partition_columns):
+            if types:
+                validate_steps([{"op": "cast", "columns": types}])  # type names known at parse time
         if incremental and "{{" not in str(incremental.get("mode")):
             check_incremental(incremental, self.task_id)
         self.source_spec()  # checked at parse time (templated values again once rendered)

@@ -31,11 +31,26 @@ REF = {"uri": "/tmp/x", "num_rows": 1}
         ([{"op": "join", "right": REF, "on": ["k"], "how": "cross"}], "Unknown join type 'cross'"),
         ([{"op": "aggregate", "aggs": {"x": ["median", "a"]}}], "Unknown aggregate 'median' for 'x'"),
         ([{"op": "cast", "columns": {"a": "float128"}}], "Unknown Arrow type 'float128'"),
+        ([{"op": "map_batches", "fn": "m:f", "output_schema": {"a": "decimal(39)"}}], "Unknown Arrow type"),
+        ([{"op": "map_batches", "fn": "m:f", "batch_format": "polars"}], "Unknown batch_format 'polars'"),
     ],
 )
 def test_bad_steps_fail_at_parse_time(steps, message):
     with pytest.raises(ValueError, match=message):
         RayDataTransformOperator(task_id="t", input=REF, steps=steps)
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        ({"on_empty": "ignore"}, "on_empty must be one of continue, skip, fail, not 'ignore'"),
+        ({"on_missing": "wait"}, "on_missing must be one of retry, skip, fail, not 'wait'"),
+        ({"partition_columns": {"day": "date64[x]"}}, "Unknown Arrow type 'date64\\[x\\]'"),
+    ],
+)
+def test_bad_extract_policies_and_partition_types_fail_at_parse_time(options, message):
+    with pytest.raises(ValueError, match=message):
+        RayDataExtractOperator(task_id="e", source="/tmp/x.csv", **options)
 
 
 def test_transform_needs_fn_or_steps():
