@@ -116,7 +116,7 @@ def is_missing_input(exc: BaseException) -> bool:
 
 # PostgreSQL/Snowflake SQLSTATE classes that no retry fixes: data exception, integrity
 # constraint violation, syntax error or access rule violation (unknown column, no privilege).
-_DATA_SQLSTATE_CLASSES = ("22", "23", "42")
+DATA_SQLSTATE_CLASSES = ("22", "23", "42")
 # BigQuery error reasons (google.api_core's ``errors[].reason``) that no retry fixes.
 # ("duplicate" is not one: a job insert re-sent after a timeout answers it, and the retry finds the job.)
 _BIGQUERY_DATA_REASONS = ("invalid", "invalidQuery", "notFound", "accessDenied")
@@ -132,14 +132,15 @@ def is_data_error(exc: BaseException) -> bool:
     Data errors: ``DataError`` (raised by this package's validation of specs and data), pyarrow's
     ArrowInvalid/ArrowTypeError/ArrowNotImplementedError, SQLSTATE classes 22/23/42 from
     PostgreSQL (psycopg) and Snowflake, and BigQuery's invalid/invalidQuery/notFound/accessDenied
-    reasons. Other exceptions, a user function's ``ValueError`` among them, are retried."""
+    reasons. A batch function's exception about its data arrives as a ``DataError``
+    (``runtime.batches.UserFunctionError``). Other exceptions are retried."""
     for error in _chain(exc):
         if isinstance(error, DataError):
             return True
         if type(error).__name__ in ARROW_DATA_ERRORS and type(error).__module__.startswith("pyarrow"):
             return True
         sqlstate = getattr(error, "sqlstate", None)
-        if isinstance(sqlstate, str) and sqlstate[:2] in _DATA_SQLSTATE_CLASSES:
+        if isinstance(sqlstate, str) and sqlstate[:2] in DATA_SQLSTATE_CLASSES:
             return True
         reasons = [e.get("reason") for e in getattr(error, "errors", None) or [] if isinstance(e, Mapping)]
         if getattr(error, "code", None) in (400, 403, 404, 409) and reasons:
@@ -364,6 +365,8 @@ class Source:
             raise DataError("a files source needs 'path'")
         if source.format is not None and not _templated(source.format) and source.format not in FILE_FORMATS:
             raise DataError(f"Unknown file format {source.format!r}; use one of {', '.join(FILE_FORMATS)}")
+        if kind != "files" and source.partition_columns:
+            raise DataError(f"partition_columns apply to files (hive folders), not to a {kind} source")
         if kind != "files" and bool(source.query) == bool(source.table):
             raise DataError(f"A {kind} source needs exactly one of 'query' or 'table'")
         return source

@@ -369,7 +369,13 @@ class RayHook(BaseHook):
                 drop_client_session()
                 raise AirflowException(f"Stage did not finish within {timeout}s on {self.settings.label}") from None
             except RayTaskError as exc:
-                self.log.debug("Stage failed on %s:\n%s", self.settings.label, exc)  # the remote traceback
+                # The remote traceback: kept out of the way for a data error, whose message says it all.
+                self.log.log(
+                    logging.DEBUG if failure_kind(exc)[0] else logging.INFO,
+                    "Stage failed on %s:\n%s",
+                    self.settings.label,
+                    exc,
+                )
                 raise failure(exc)(f"Stage failed on {self.settings.label}: {root_cause(exc)}") from None
             except (RayError, ConnectionError, grpc.RpcError) as exc:
                 drop_client_session()  # a dropped connection: the next stage starts a new session
@@ -500,8 +506,9 @@ class RayHook(BaseHook):
 
 
 def failure(exc: BaseException) -> type[AirflowException]:
-    """AirflowFailException (no retries) for a data error (``contracts.is_data_error``), else a
-    retryable AirflowException: the one place where a stage's failure becomes Airflow's."""
+    """AirflowFailException (no retries) for a data error (``contracts.is_data_error``),
+    ``MissingInput`` for a source with nothing to read (the extract's ``on_missing`` decides),
+    else a retryable AirflowException: the one place where a stage's failure becomes Airflow's."""
     data, missing = failure_kind(exc)
     if missing:
         return MissingInput

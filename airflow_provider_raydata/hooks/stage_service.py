@@ -109,7 +109,9 @@ def stage_outcome(view: dict[str, Any], label: str) -> StageResult:
         return decode_result(view["result"])
     if state == "failed":
         error = view.get("error") or {}
-        log.debug("Stage failed on %s:\n%s", label, error.get("detail") or error.get("message"))  # the traceback
+        # The remote traceback: kept out of the way for a data error, whose message says it all.
+        level = logging.DEBUG if error.get("data_error") else logging.INFO
+        log.log(level, "Stage failed on %s:\n%s", label, error.get("detail") or error.get("message"))
         failure = AirflowFailException if error.get("data_error") else AirflowException
         raise (MissingInput if error.get("missing_input") else failure)(
             f"Stage failed on {label}: {error.get('message')}"

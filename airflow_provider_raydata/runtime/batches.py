@@ -1,11 +1,13 @@
 """A user's batch function as a Ray Data step (on the cluster): it gets its batches in the format
 it asked for, and what it returns keeps the types the data already had.
 
-pandas infers types from values: a ``decimal128(38, 10)`` column comes back as whatever precision
-one batch's values need, an integer column with nulls as float64. A column the function leaves
-alone, or fills with values that fit its type, is cast back to the type it came in with; a
-column whose values no longer fit fails the step unless ``output_schema`` declares its new type
-(which also fixes the types of the columns the function adds)."""
+pandas and numpy change a column's physical type on the way: a ``decimal128(38, 10)`` comes back
+with the precision one batch's values need, an integer column with nulls as float64 (numpy), a
+string as large_string, a timestamp in another unit. Such a column is cast back to the type it
+came in with. A type the function really changes (a number made text, a decimal made float)
+is kept and reported in the task log; ``output_schema`` declares types outright (also for the
+columns the function adds), and a value that does not fit a kept or declared type fails the
+step, naming the column."""
 
 from __future__ import annotations
 
@@ -40,8 +42,10 @@ def as_batch(table: pa.Table, batch_format: str) -> Any:
     """``table`` in a user function's batch format: ``pandas``, ``pyarrow`` or ``numpy``."""
     if batch_format == "pyarrow":
         return table
-    if batch_format == "numpy":
-        return {name: column.to_numpy() for name, column in zip(table.column_names, table.columns, strict=True)}
+    if batch_format == "numpy" or any(isinstance(t, pa.ExtensionType) for t in table.schema.types):
+        from ray.data.block import BlockAccessor  # Ray Data's own conversion: tensor columns as ndarrays
+
+        return BlockAccessor.for_block(table).to_batch_format(batch_format)
     return table.to_pandas(types_mapper=_NULLABLE.get)
 
 
@@ -63,13 +67,17 @@ def as_table(batch: Any, label: str) -> pa.Table | None:
     )
 
 
-def conform(result: pa.Table, before: pa.Schema, declared: Mapping[str, pa.DataType], label: str) -> pa.Table:
-    """``result`` with each column in its declared type, else the type it had in ``before``."""
+def conform(
+    result: pa.Table, before: pa.Schema, declared: Mapping[str, pa.DataType], label: str, batch_format: str
+) -> pa.Table:
+    """``result`` with each column in its declared type, else in the type it came in with when
+    only its physical form changed on the way (``restores``)."""
     fields = []
     for field in result.schema:
         target = declared.get(field.name)
         if target is None and field.name in before.names:
-            target = before.field(field.name).type
+            came_in = before.field(field.name).type
+            target = came_in if restores(came_in, field.type, batch_format) else None
         fields.append(field if target is None else field.with_type(target))
     wanted = pa.schema(fields)
     if wanted.equals(result.schema):
@@ -92,6 +100,18 @@ def conform(result: pa.Table, before: pa.Schema, declared: Mapping[str, pa.DataT
     return pa.Table.from_arrays(columns, schema=wanted)
 
 
+def restores(came_in: pa.DataType, returned: pa.DataType, batch_format: str) -> bool:
+    """Whether ``returned`` is ``came_in`` changed only in form by the batch format's round trip."""
+    kinds = (pa.types.is_decimal, pa.types.is_timestamp, _text, pa.types.is_date, pa.types.is_time)
+    if pa.types.is_null(returned) or pa.types.is_dictionary(returned):
+        return True  # a batch of nulls only; a categorical of the same values
+    if any(kind(came_in) and kind(returned) for kind in kinds):
+        return True
+    if pa.types.is_integer(came_in):  # numpy has no integer with nulls: float64 with NaN
+        return pa.types.is_integer(returned) or (batch_format == "numpy" and pa.types.is_floating(returned))
+    return pa.types.is_floating(came_in) and pa.types.is_floating(returned)
+
+
 def _text(kind: pa.DataType) -> bool:
     return pa.types.is_string(kind) or pa.types.is_large_string(kind)
 
@@ -101,21 +121,28 @@ def step_label(label: str, fn: Any) -> str:
     return label.replace("(map_batches)", f"(map_batches {getattr(fn, '__name__', fn)})")
 
 
+def is_async(fn: Any) -> bool:
+    """A coroutine or async-generator function (or callable class): Ray Data runs it its own way,
+    with the batch format it asked for, and its results as they are."""
+    target = fn.__call__ if isinstance(fn, type) else fn
+    return inspect.iscoroutinefunction(target) or inspect.isasyncgenfunction(target)
+
+
 def typed_batches(fn: Any, batch_format: str, output_schema: Mapping[str, str] | None, label: str) -> Any:
     """``fn`` (a function or a callable class) as a step that takes pyarrow batches: it gets them
     as ``batch_format`` and its results are conformed (``conform``). Generator functions get the
-    same; coroutine functions are left as they are (Ray Data runs them its own way)."""
+    same; async functions are left as they are (``is_async``)."""
     declared = {name: arrow_type(type_name) for name, type_name in (output_schema or {}).items()}
 
     def result_of(batch: Any, before: pa.Schema) -> Any:
         if batch is None:
             raise DataError(f"{label}: the function returned None; return the batch")
         table = as_table(batch, label)
-        return batch if table is None else conform(table, before, declared, label)
+        return batch if table is None else conform(table, before, declared, label, batch_format)
 
-    target = fn.__call__ if isinstance(fn, type) else fn
-    if inspect.iscoroutinefunction(target) or inspect.isasyncgenfunction(target):
+    if is_async(fn):
         return fn
+    target = fn.__call__ if isinstance(fn, type) else fn
     if inspect.isgeneratorfunction(target):
 
         def call(target: Callable, table: pa.Table, *args: Any, **kwargs: Any) -> Any:
@@ -137,15 +164,20 @@ class UserFunctionError(DataError):
     """A batch function raised on the data: the same batch would raise again, so no retry."""
 
 
+# What a function raises on the data it is given (a bad value, a missing column, a division by
+# zero): the same batch raises again. Anything else it raises (a lost connection, a timeout, an
+# HTTP client's error, memory) is retried by Airflow.
+ON_THE_DATA = (ValueError, TypeError, KeyError, IndexError, AttributeError, ArithmeticError, AssertionError)
+
+
 @contextlib.contextmanager
 def raised_on_the_data(label: str) -> Iterator[None]:
-    """A function's exception as a ``UserFunctionError`` that keeps its type and message; an
-    OSError (a lost connection, a timeout in a call the function makes) stays retryable."""
+    """A function's exception about its data as a ``UserFunctionError`` keeping its type and message."""
     try:
         yield
-    except (OSError, DataError):
+    except DataError:
         raise
-    except Exception as exc:
+    except ON_THE_DATA as exc:
         raise UserFunctionError(f"{label} raised {type(exc).__name__}: {exc}") from exc
 
 

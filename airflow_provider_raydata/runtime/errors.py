@@ -22,7 +22,7 @@ def root_cause(exc: BaseException) -> str:
     from ray.exceptions import RayTaskError
 
     cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc
-    while cause.__cause__ is not None:
+    while cause.__cause__ is not None and type(cause).__name__ not in OUR_ERRORS:  # ours say what failed
         cause = cause.__cause__
     if type(cause).__name__ != "UserCodeException":
         kind = type(cause).__name__
@@ -53,7 +53,7 @@ def failure_kind(exc: BaseException) -> tuple[bool, bool]:
     if not (data or missing):
         lines = raised_lines(exc)
         last = lines[-1].partition(":")[0].rsplit(".", 1)[-1] if lines else ""
-        data = last in ("DataError", "UserFunctionError", *ARROW_DATA_ERRORS)
+        data = last in (*OUR_ERRORS, *ARROW_DATA_ERRORS) and last != "MissingInputError"
         missing = last == "MissingInputError"
     return data, missing
 

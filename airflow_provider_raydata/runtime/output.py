@@ -3,14 +3,17 @@ committed (``refs.commit``); on the cluster."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import pyarrow as pa
 import ray.data
 
-from ..contracts import DatasetRef, StageSpec
+from ..contracts import DataError, DatasetRef, StageSpec
 from . import refs
 from .storage import exists, filesystem_for
+
+log = logging.getLogger("airflow_provider_raydata.stage")
 
 
 def write_empty_if_needed(fs, path: str, schema: pa.Schema) -> None:
@@ -37,7 +40,12 @@ def write_output(
     try:
         ds.write_parquet(path, filesystem=fs, min_rows_per_file=min_rows_per_file)
         if not refs.data_files(fs, path):
-            schema = schema() if callable(schema) else schema
+            if callable(schema):
+                try:
+                    schema = schema()
+                except DataError as exc:  # e.g. a function that cannot take an empty batch
+                    log.warning("No rows, and their columns are not known from the steps (%s); asking Ray Data", exc)
+                    schema = None
             if schema is None:
                 found = ds.schema()
                 schema = found.base_schema if found is not None else pa.schema([])

@@ -88,10 +88,11 @@ def _transform(spec: StageSpec, settings: dict) -> StageResult:
     ds, source = read_ref(spec.input, spec.storage)
     input_schema = refs.arrow_schema(source, spec.storage)
     if source.num_rows == 0:  # Ray Data calls no function on an empty block: its columns come from here
-        ds = ray.data.from_arrow(apply_steps_here(input_schema.empty_table(), list(spec.steps), spec.storage))
+        table = apply_steps_here(input_schema.empty_table(), list(spec.steps), spec.storage)
+        ds, schema = ray.data.from_arrow(table), table.schema
     else:
         ds = apply_steps(ds, spec.steps, spec.storage, rows_hint=source.num_rows)
-    schema = functools.partial(steps_schema, input_schema, list(spec.steps), spec.storage)
+        schema = functools.partial(steps_schema, input_schema, list(spec.steps), spec.storage)
     ref = write_output(ds, spec, settings["min_rows_per_file"], schema=schema)
     report_type_changes(source, ref)
     return StageResult(spec.stage, Metrics(source.num_rows, ref.num_rows, 0.0), ref=ref, input=source)

@@ -68,6 +68,7 @@ def read_files(source: Source, storage: dict | None) -> tuple[ray.data.Dataset, 
     kwargs: dict[str, Any] = {"filesystem": fs, "partitioning": None}
     if fmt == "parquet":
         needed = list(columns or []) + sorted(columns_in(row_filter) if row_filter else [])
+        needed = [name for name in needed if name not in source.partition_columns]  # from the paths
         schema = check_parquet_files(fs, files or all_files[:1], needed or None, scheme_of(paths[0]))
         check_columns(needed, schema.names, f"source {paths[0]}")
         if columns:
@@ -117,7 +118,10 @@ def unreadable_file(source: Source, storage: dict | None) -> str | None:
         return None
     fs, _ = filesystem_for(source.paths[0], storage)
     for uri in source.paths:
-        for path in expand(fs, filesystem_for(uri, storage)[1], FORMATS[fmt][1])[:1000]:
+        files = expand(fs, filesystem_for(uri, storage)[1], FORMATS[fmt][1])
+        if source.window and source.window.partitioned:
+            files = in_window_partitions(files, source.window)
+        for path in files[:1000]:
             try:
                 with fs.open_input_stream(path, compression="detect") as handle:
                     if fmt == "csv":

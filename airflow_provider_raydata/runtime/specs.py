@@ -19,15 +19,8 @@ AGGREGATE_NAMES = ("sum", "count", "mean", "min", "max", "count_distinct")
 JOIN_TYPES = {"inner": "inner", "left": "left_outer", "outer": "full_outer"}
 ARROW_JOIN_TYPES = {"inner": "inner", "left": "left outer"}
 BATCH_FORMATS = ("pandas", "pyarrow", "numpy")
-MAP_BATCHES_OPTIONS = (
-    "batch_format",
-    "batch_size",
-    "concurrency",
-    "num_cpus",
-    "num_gpus",
-    "fn_kwargs",
-    "output_schema",
-)
+RAY_MAP_OPTIONS = ("batch_size", "concurrency", "num_cpus", "num_gpus")  # passed on to Ray Data's map_batches
+MAP_BATCHES_OPTIONS = ("batch_format", *RAY_MAP_OPTIONS, "fn_kwargs", "output_schema")
 # Inner and left joins against a right side smaller than this (Parquet bytes) are broadcast to
 # every batch instead of hash-shuffling both sides: Ray's hash join costs seconds of actor start-up.
 BROADCAST_JOIN_MAX_BYTES = 256 * 1024 * 1024

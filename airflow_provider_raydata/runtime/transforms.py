@@ -26,13 +26,14 @@ from ray.data.aggregate import Count, CountDistinct, Max, Mean, Min, Sum
 
 from ..contracts import DataError, DatasetRef
 from . import refs, stage_log
-from .batches import UserFunctionError, step_label, typed_batches
+from .batches import UserFunctionError, is_async, step_label, typed_batches
 from .expressions import compile_expression
 from .sources import read_ref
 from .specs import (
     ARROW_JOIN_TYPES,
     BROADCAST_JOIN_MAX_BYTES,
     JOIN_TYPES,
+    RAY_MAP_OPTIONS,
     validate_steps,
 )
 from .types import arrow_type, cast_columns, check_columns
@@ -88,7 +89,7 @@ def apply_steps_here(table: pa.Table, steps: list[dict], storage: dict | None) -
             table = HERE[step["op"]](table, step, storage, label)
         except UserFunctionError as exc:
             raise DataError(
-                f"{exc}: called with an empty batch (the input has no rows) to learn its output columns; "
+                f"{exc}: called with an empty batch (no rows reached it) to learn its output columns; "
                 "handle an empty batch, or declare them with output_schema={...}"
             ) from exc
         except DataError:
@@ -108,34 +109,47 @@ def steps_schema(schema: pa.Schema, steps: list[dict], storage: dict | None) -> 
 
 
 def _map_batches_here(table: pa.Table, step: dict, storage: dict | None, label: str) -> pa.Table:
-    fn = resolve_callable(step["fn"])
-    typed = typed_batches(fn, step.get("batch_format") or "pandas", step.get("output_schema"), step_label(label, fn))
-    result = (typed() if isinstance(fn, type) else typed)(table, **(step.get("fn_kwargs") or {}))
-    if inspect.isgenerator(result):
-        batches = [batch for batch in result if isinstance(batch, pa.Table)]
-        result = pa.concat_tables(batches) if batches else _nothing_yielded(table, step)
+    """A batch function applied to a small table. On no rows, ``output_schema`` stands in for a
+    function that is not called here (a callable class, which may load a model; an async one)
+    or that fails on an empty batch: the input's columns with the declared ones."""
+    fn, declared = resolve_callable(step["fn"]), step.get("output_schema") or {}
+    label = step_label(label, fn)
+    stands_in = declared and not table.num_rows
+    if stands_in and (isinstance(fn, type) or is_async(fn)):
+        return _declared(table, declared)
+    if is_async(fn):
+        raise DataError(f"{label}: an async function does not run here on no rows: declare its output_schema={{...}}")
+    typed = typed_batches(fn, step.get("batch_format") or "pandas", declared, label)
+    try:
+        result = (typed() if isinstance(fn, type) else typed)(table, **(step.get("fn_kwargs") or {}))
+        if inspect.isgenerator(result):
+            batches = [batch for batch in result if isinstance(batch, pa.Table)]
+            result = pa.concat_tables(batches) if batches else _declared(table, declared)
+    except UserFunctionError:
+        if stands_in:
+            return _declared(table, declared)
+        raise
     return result
 
 
-def _nothing_yielded(table: pa.Table, step: dict) -> pa.Table:
-    """A generator's result when it yields nothing for no rows: its declared columns, else its input's."""
-    declared = step.get("output_schema")
-    if declared:
-        return pa.schema([(name, arrow_type(kind)) for name, kind in declared.items()]).empty_table()
-    return table
+def _declared(table: pa.Table, declared: dict[str, str]) -> pa.Table:
+    """No rows of ``table``'s columns with the ``declared`` types, and the declared new columns."""
+    types = {name: arrow_type(kind) for name, kind in declared.items()}
+    fields = [field.with_type(types.pop(field.name)) if field.name in types else field for field in table.schema]
+    return pa.schema(fields + [pa.field(name, kind) for name, kind in types.items()]).empty_table()
 
 
 def _join_here(table: pa.Table, step: dict, storage: dict | None, label: str) -> pa.Table:
     right_ref = DatasetRef.parse(step["right"], f"{label} 'right'")
     how = step.get("how", "inner")
-    if how in ("right", "outer") or table.num_rows:  # the right side's rows can reach the result
+    if how == "outer" or table.num_rows:  # the right side's rows reach the result (read whole: see README)
         right = pa.concat_tables(ray.get(read_ref(right_ref, storage)[0].to_arrow_refs()))
     else:
         right = refs.arrow_schema(right_ref, storage).empty_table()
     on = list(step["on"])
     right_on = list(step.get("right_on") or on)
     collide = (set(table.column_names) - set(on)) & (set(right.column_names) - set(right_on))
-    kinds = {"inner": "inner", "left": "left outer", "right": "right outer", "outer": "full outer"}
+    kinds = {"inner": "inner", "left": "left outer", "outer": "full outer"}
     return broadcast_join(table, right, on, right_on, kinds[how], "_right" if collide else None)
 
 
@@ -167,14 +181,17 @@ HERE = {
 
 
 def _map_batches(ds, step, columns, label, storage, rows_hint=None):
-    options = {k: step[k] for k in ("batch_size", "concurrency", "num_cpus", "num_gpus") if step.get(k) is not None}
+    options = {k: step[k] for k in RAY_MAP_OPTIONS if step.get(k) is not None}
     fn = resolve_callable(step["fn"])
     if isinstance(fn, type) and "concurrency" not in options:
         options["concurrency"] = 1  # a callable class runs in actors and needs a pool size
-    fn = typed_batches(fn, step.get("batch_format") or "pandas", step.get("output_schema"), step_label(label, fn))
+    batch_format = step.get("batch_format") or "pandas"
+    fn = typed_batches(fn, batch_format, step.get("output_schema"), step_label(label, fn))
     if stage_log.forward_prints_to is not None:
         fn = stage_log.forwarding_prints(fn, *stage_log.forward_prints_to)
-    ds = ds.map_batches(fn, batch_format="pyarrow", fn_kwargs=step.get("fn_kwargs"), **options)
+    # The typed function converts pyarrow batches itself; an async one gets its format from Ray.
+    batch_format = batch_format if is_async(fn) else "pyarrow"
+    ds = ds.map_batches(fn, batch_format=batch_format, fn_kwargs=step.get("fn_kwargs"), **options)
     return ds, None
 
 

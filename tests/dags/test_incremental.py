@@ -4,7 +4,7 @@ head and a real PostgreSQL server, while the source changes between the runs."""
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pyarrow as pa
 import pyarrow.dataset as pads
@@ -93,7 +93,8 @@ def test_daily_runs_upsert_only_the_changes_and_keep_the_latest_version(
 
     # A quiet day: no order changed and no payments partition landed. Both extracts commit zero
     # rows with their columns, the upserts change nothing, and the run succeeds.
-    quiet = dag.test(logical_date=datetime(days[2].day.year, days[2].day.month, days[2].day.day + 2, tzinfo=UTC))
+    quiet_end = datetime.combine(days[2].day + timedelta(days=2), datetime.min.time(), tzinfo=UTC)
+    quiet = dag.test(logical_date=quiet_end)
     assert quiet.state == "success"
     for entity in ("orders", "payments"):
         ref = xcom(quiet, f"extract_{entity}")

@@ -64,7 +64,24 @@ def with_minutes_numpy(batch: dict) -> dict:
     return batch
 
 
-FUNCTIONS = {"pandas": with_minutes_pandas, "pyarrow": with_minutes_pyarrow, "numpy": with_minutes_numpy}
+class WithMinutes:
+    """A callable class (it runs in an actor pool)."""
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        return with_minutes_pandas(batch)
+
+
+def with_minutes_generator(batch: pd.DataFrame):
+    yield with_minutes_pandas(batch)
+
+
+FUNCTIONS = {
+    "pandas": with_minutes_pandas,
+    "pyarrow": with_minutes_pyarrow,
+    "numpy": with_minutes_numpy,
+    "class": WithMinutes,
+    "generator": with_minutes_generator,
+}
 
 
 def transform(staging, ref, fn, batch_format="pandas", **kwargs) -> dict:
@@ -74,10 +91,11 @@ def transform(staging, ref, fn, batch_format="pandas", **kwargs) -> dict:
     return run_operator(operator)[0]
 
 
-@pytest.mark.parametrize("batch_format", ["pandas", "pyarrow", "numpy"])
-def test_a_function_that_adds_a_column_leaves_the_others_as_declared(service_for_module, tmp_path, batch_format):
+@pytest.mark.parametrize("kind", list(FUNCTIONS))
+def test_a_function_that_adds_a_column_leaves_the_others_as_declared(service_for_module, tmp_path, kind):
     table = fares(1, ["1.5", "0.25", "3"])
-    out = transform(tmp_path / "staging", as_ref(table, tmp_path / "in"), FUNCTIONS[batch_format], batch_format)
+    batch_format = kind if kind in ("pyarrow", "numpy") else "pandas"
+    out = transform(tmp_path / "staging", as_ref(table, tmp_path / "in"), FUNCTIONS[kind], batch_format)
     written = pq.read_table(out["uri"])
     assert written.schema.remove_metadata() == FARES.append(pa.field("minutes", pa.int64()))
     assert written.drop_columns(["minutes"]).to_pylist() == table.to_pylist()  # nulls stay nulls, not NaN
@@ -89,13 +107,20 @@ def retype_ids(batch: pd.DataFrame) -> pd.DataFrame:
     return batch
 
 
-def test_a_function_that_changes_a_type_says_so_or_fails_naming_the_column(service_for_module, tmp_path):
+def huge_surcharge(batch: pd.DataFrame) -> pd.DataFrame:
+    batch["surcharge"] = Decimal("123456789012345678901234567890.5")  # 30 digits before the point
+    return batch
+
+
+def test_a_type_the_function_changes_is_kept_and_a_value_that_does_not_fit_fails(service_for_module, tmp_path):
     ref = as_ref(fares(1, ["1.5"]), tmp_path / "in")
-    with pytest.raises(AirflowFailException, match=r"column 'id' was int64, .*output_schema=\{'id': "):
-        transform(tmp_path / "a", ref, retype_ids)
-    out = transform(tmp_path / "b", ref, retype_ids, output_schema={"id": "string"})
+    out = transform(tmp_path / "a", ref, retype_ids)  # a number made text: the function's choice
     assert out["schema"]["id"] == "string"
     assert pq.read_table(out["uri"])["id"].to_pylist() == ["F-100"]
+    with pytest.raises(AirflowFailException, match=r"column 'surcharge' was decimal128\(38, 10\), .*output_schema="):
+        transform(tmp_path / "b", ref, huge_surcharge)
+    out = transform(tmp_path / "c", ref, huge_surcharge, output_schema={"surcharge": "decimal128(38, 2)"})
+    assert out["schema"]["surcharge"] == "decimal128(38, 2)"
 
 
 def test_a_later_day_with_larger_decimals_upserts_into_the_table_the_first_day_created(
@@ -135,6 +160,8 @@ def test_hive_folders_add_columns_only_when_asked_and_typed(service_for_module, 
         return run_operator(operator)[0]
 
     assert extract()["schema"] == {"id": "int64"}  # no surprise column
+    chosen = extract(partition_columns={"day": "date32"}, columns=["id", "day"], filter="day > '2024-03-10'")
+    assert chosen["schema"] == {"id": "int64", "day": "date32[day]"} and chosen["num_rows"] == 2
     ref = extract(partition_columns={"day": "date32"})
     assert ref["schema"] == {"id": "int64", "day": "date32[day]"}
     days = sorted(str(d) for d in pq.read_table(ref["uri"])["day"].to_pylist())

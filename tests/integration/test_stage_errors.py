@@ -28,9 +28,8 @@ def returns_nothing(batch):
     batch["doubled"] = batch["price"] * 2  # and forgets to return the batch
 
 
-def divides_by_price(batch):
-    if (batch["price"] > 0).all():
-        raise ZeroDivisionError("price 0 in this batch")
+def divides_by_zero(batch):
+    batch["share"] = int(batch["price"].iloc[0]) // 0
     return batch
 
 
@@ -63,7 +62,10 @@ def test_a_corrupt_parquet_file_is_named(service_for_module, tmp_path):
     "fn,expected",
     [
         (returns_nothing, "step 1 (map_batches returns_nothing): the function returned None; return the batch"),
-        (divides_by_price, "step 1 (map_batches divides_by_price) raised ZeroDivisionError: price 0 in this batch"),
+        (
+            divides_by_zero,
+            "step 1 (map_batches divides_by_zero) raised ZeroDivisionError: integer division or modulo by zero",
+        ),
     ],
 )
 def test_a_function_that_returns_nothing_or_raises_is_named(service_for_module, ids, tmp_path, fn, expected):

@@ -37,7 +37,7 @@ DECLARED = {"id": "int64", "surcharge": "decimal128(38, 10)", "passengers": "int
 
 @pytest.fixture(scope="module")
 def service(service_for_module):
-    """The stage service for this module (the ray:// transport: the policies test runs on both)."""
+    """The stage service for this module (the policies test also runs over ray://)."""
     return service_for_module
 
 
@@ -159,6 +159,24 @@ def test_steps_on_zero_rows_give_zero_rows_with_the_output_columns(service, no_f
         out = run_operator(vanishing)[0]
         assert pq.read_table(out["uri"]).to_pylist() == expected, by
         assert list(out["schema"]) == [*by, "fares", "surcharge"] and out["schema"]["surcharge"] == "decimal128(38, 10)"
+
+
+def first_fare(batch: pd.DataFrame) -> pd.DataFrame:
+    """A function that cannot take an empty batch."""
+    batch["first"] = batch["id"].iloc[0]
+    return batch
+
+
+def test_output_schema_stands_in_for_a_function_that_cannot_take_no_rows(service, no_fares, tmp_path):
+    def transform(**kwargs):
+        operator = RayDataTransformOperator(
+            task_id="t", input=no_fares, fn=first_fare, staging_uri=str(tmp_path), **kwargs
+        )
+        return run_operator(operator)[0]
+
+    with pytest.raises(AirflowFailException, match=r"raised IndexError: .*called with an empty batch .*output_schema="):
+        transform()
+    assert transform(output_schema={"first": "int64"})["schema"] == {**no_fares["schema"], "first": "int64"}
 
 
 def _zones(tmp_path):

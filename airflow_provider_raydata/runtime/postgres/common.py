@@ -11,7 +11,7 @@ from typing import Any
 import pyarrow as pa
 from psycopg import errors, sql
 
-from ...contracts import DataError
+from ...contracts import DATA_SQLSTATE_CLASSES, DataError
 
 # The table recording published loads (target, load id), in the target's schema: a retried
 # append finds its own load there and is skipped.
@@ -59,7 +59,7 @@ def explained(exc: BaseException, target: str) -> BaseException:
     from psycopg import Error
 
     sqlstate = getattr(exc, "sqlstate", None)
-    if not isinstance(exc, Error) or not sqlstate or sqlstate[:2] not in ("22", "23", "42"):
+    if not isinstance(exc, Error) or not sqlstate or sqlstate[:2] not in DATA_SQLSTATE_CLASSES:
         return exc
     diag = exc.diag
     parts = [diag.message_detail, diag.message_hint, diag.context and diag.context.strip()]
