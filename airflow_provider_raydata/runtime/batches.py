@@ -78,6 +78,8 @@ def conform(
         if target is None and field.name in before.names:
             came_in = before.field(field.name).type
             target = came_in if restores(came_in, field.type, batch_format) else None
+        if target is None and pa.types.is_large_string(field.type):
+            target = pa.string()  # pandas' text as Arrow's usual string, as sources give it
         fields.append(field if target is None else field.with_type(target))
     wanted = pa.schema(fields)
     if wanted.equals(result.schema):
