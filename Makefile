@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 install: $(VENV)/.installed
 
 test: install
-	$(PY) -m pytest -q -p no:cacheprovider --durations=15
+	$(PY) -m pytest -q -rs -p no:cacheprovider --durations=15
 
 test-backfill-week: install  # the backfill test over 7 days instead of 2 (about 18 minutes here)
 	RAYDATA_BACKFILL_DAYS=7 $(PY) -m pytest -q -p no:cacheprovider tests/dags/test_backfill.py

@@ -83,6 +83,18 @@ def get_provider_info() -> dict:
                         "label": "Connect timeout (seconds)",
                         "schema": {"type": ["integer", "null"], "default": 30},
                     },
+                    "storage_options": {
+                        "label": "Storage options (JSON)",
+                        "description": 'S3 settings for s3:// URIs, e.g. {"endpoint_url": "http://minio:9000", '
+                        '"region_name": "eu-west-1"}; an aws connection on the operator is the usual place',
+                        "schema": {"type": ["string", "null"]},
+                    },
+                    "log_to_driver": {
+                        "label": "Stream all worker output (Ray Client only)",
+                        "description": "Every Ray worker's output in the task log (about 4 s more per stage); "
+                        "the stage's own lines are streamed either way",
+                        "schema": {"type": ["boolean", "null"], "default": False},
+                    },
                 },
                 "ui-field-behaviour": {
                     "hidden-fields": ["schema", "login"],

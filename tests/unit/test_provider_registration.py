@@ -37,3 +37,17 @@ def test_connection_uri_gives_a_working_connection_definition(airflow_db):
         "s3://b/stage",
     )
     assert settings.auth_token == "tok/en"
+
+
+def test_every_connection_setting_the_readme_documents_has_a_labelled_form_field():
+    import re
+
+    from airflow_provider_raydata import get_provider_info
+    from tests.conftest import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## The `raydata` connection") : readme.index("## Choosing a transport")]
+    documented = re.findall(r"^\| `(\w+)` \|", section, flags=re.MULTILINE)
+    fields = get_provider_info()["connection-types"][0]["conn-fields"]
+    assert documented and set(documented) == set(fields), (documented, sorted(fields))
+    assert all(field["label"] for field in fields.values())
